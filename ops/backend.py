@@ -1,0 +1,174 @@
+"""Array backend: the one place where torch tensors become xp arrays (numpy or cupy) and back.
+
+Kernels in ``ops/`` call :func:`array_namespace` on their inputs and use only numpy-API calls that
+CuPy mirrors, so the same code runs on the CPU (numpy) and on a GPU (cupy). Importing this module
+never imports cupy: cupy is imported lazily, the first time a GPU is selected or a cupy array is seen.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+    class Array:  # the einops-style protocol: anything numpy- or cupy-shaped
+        shape: tuple[int, ...]
+        dtype: Any
+        ndim: int
+
+else:
+    Array = Any
+
+__all__ = [
+    "Array",
+    "OpError",
+    "array_namespace",
+    "scipy_namespace",
+    "host_rng",
+    "select_device",
+    "gpu_available",
+    "to_xp",
+    "to_host",
+    "to_torch",
+    "release_memory",
+]
+
+
+class OpError(ValueError):
+    """An invalid argument to a kernel (bad parameter value or incompatible shapes).
+
+    ``surgery.run`` re-raises it as ``SurgeryError`` with the tensor name and shape attached.
+    """
+
+
+def _is_cupy(x: Any) -> bool:
+    # Look the class up by module name so that numpy inputs never trigger a cupy import.
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def array_namespace(*xs: Any) -> ModuleType:
+    """Return ``numpy`` or ``cupy``, whichever holds the given arrays.
+
+    Args:
+        *xs: arrays (``None`` entries are ignored).
+
+    Returns:
+        The array module.
+
+    Raises:
+        OpError: if numpy and cupy arrays are mixed.
+    """
+    kinds = {_is_cupy(x) for x in xs if x is not None and not np.isscalar(x)}
+    if len(kinds) > 1:
+        raise OpError("arrays on different devices (numpy and cupy) passed to one kernel")
+    if kinds == {True}:
+        import cupy
+
+        return cupy
+    return np
+
+
+def scipy_namespace(x: Any) -> ModuleType:
+    """Return ``scipy`` for numpy arrays and ``cupyx.scipy`` for cupy arrays."""
+    if _is_cupy(x):
+        import cupyx.scipy  # noqa: F401
+        import cupyx.scipy.linalg  # noqa: F401
+
+        return sys.modules["cupyx.scipy"]
+    import scipy
+    import scipy.linalg  # noqa: F401
+
+    return scipy
+
+
+def host_rng(seed: int, name: str, *extra: int) -> np.random.Generator:
+    """Return the host RNG for one tensor: ``default_rng(SeedSequence([seed, crc32(name), *extra]))``.
+
+    Random draws always happen on the host so that CPU and GPU runs see identical masks and the
+    result never depends on iteration order.
+
+    Args:
+        seed: the run's ``--seed``.
+        name: the full tensor name, e.g. ``model.layers.0.mlp.up_proj.weight``.
+        *extra: further integers (e.g. the model index of a merge input).
+    """
+    return np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(name.encode()), *extra]))
+
+
+def gpu_available() -> bool:
+    """True when cupy imports and sees at least one CUDA device. Never raises."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount()) > 0
+    except Exception:  # noqa: BLE001 - any failure means "no usable GPU"
+        return False
+
+
+def select_device(device: str = "auto") -> str:
+    """Resolve ``auto|cpu|gpu`` to ``cpu`` or ``gpu``.
+
+    Raises:
+        OpError: for an unknown name, or ``gpu`` when no usable CuPy device exists.
+    """
+    if device not in ("auto", "cpu", "gpu"):
+        raise OpError(f"unknown device {device!r}; choices: auto, cpu, gpu")
+    if device == "cpu":
+        return "cpu"
+    ok = gpu_available()
+    if device == "gpu" and not ok:
+        raise OpError(
+            "--device gpu was requested but CuPy sees no usable CUDA device; install the GPU extra "
+            "(pip install 'ckpt-surgery[gpu]') on a machine with a GPU, or use --device cpu"
+        )
+    return "gpu" if ok else "cpu"
+
+
+def to_xp(t: torch.Tensor, device: str = "cpu", dtype: str = "float32") -> Array:
+    """Convert a torch tensor to a float xp array on ``device`` (``cpu`` → numpy, ``gpu`` → cupy).
+
+    The upcast happens in torch (numpy has no bfloat16). A CUDA tensor goes to cupy zero-copy via
+    DLPack; a CPU tensor goes through a host numpy view.
+    """
+    import torch
+
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    t = t.detach()
+    if t.dtype != tdtype:
+        t = t.to(tdtype)
+    if device == "gpu":
+        import cupy
+
+        if t.is_cuda:
+            return cupy.from_dlpack(t.contiguous())
+        return cupy.asarray(t.contiguous().numpy())
+    return t.cpu().contiguous().numpy()
+
+
+def to_host(x: Array) -> np.ndarray:
+    """Return a numpy array (copies from the GPU when ``x`` is a cupy array)."""
+    if _is_cupy(x):
+        return x.get()
+    return np.asarray(x)
+
+
+def to_torch(x: Array, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Convert an xp array to a CPU torch tensor, cast to ``dtype`` when given."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(to_host(x)))
+    return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+
+def release_memory() -> None:
+    """Free the CuPy memory pools, if cupy was ever imported (no-op on the CPU path)."""
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cupy.get_default_memory_pool().free_all_blocks()
+        cupy.get_default_pinned_memory_pool().free_all_blocks()
