@@ -2,7 +2,7 @@
 
 Kernels in ``ops/`` call :func:`array_namespace` on their inputs and use only numpy-API calls that
 CuPy mirrors, so the same code runs on the CPU (numpy) and on a GPU (cupy). Importing this module
-never imports cupy: cupy is imported lazily, the first time a GPU is selected or a cupy array is seen.
+never imports cupy: cupy is imported lazily, when a GPU is selected or a cupy array is seen.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def scipy_namespace(x: Any) -> ModuleType:
 
 
 def host_rng(seed: int, name: str, *extra: int) -> np.random.Generator:
-    """Return the host RNG for one tensor: ``default_rng(SeedSequence([seed, crc32(name), *extra]))``.
+    """Return the host RNG for a tensor: ``default_rng(SeedSequence([seed, crc32(name), *extra]))``.
 
     Random draws always happen on the host so that CPU and GPU runs see identical masks and the
     result never depends on iteration order.
@@ -98,7 +98,9 @@ def host_rng(seed: int, name: str, *extra: int) -> np.random.Generator:
         name: the full tensor name, e.g. ``model.layers.0.mlp.up_proj.weight``.
         *extra: further integers (e.g. the model index of a merge input).
     """
-    return np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(name.encode()), *extra]))
+    return np.random.default_rng(
+        np.random.SeedSequence([int(seed), zlib.crc32(name.encode()), *extra])
+    )
 
 
 def gpu_available() -> bool:

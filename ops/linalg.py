@@ -58,8 +58,8 @@ def svd(w: Array) -> tuple[Array, Array, Array]:
 def use_randomized(shape: tuple[int, int], k: int) -> bool:
     """The default rule for :func:`svd_topk`: randomized when ``k`` is small against the matrix.
 
-    Randomized SVD is used when ``k + oversampling ≤ min(m, n) / 4`` and the matrix is at least 256 on
-    its short side; otherwise the exact SVD is cheaper or the sketch would not save work.
+    Randomized SVD is used when ``k + oversampling ≤ min(m, n) / 4`` and the short side is at
+    least 256; otherwise the exact SVD is cheaper or the sketch would not save work.
     """
     short = min(shape)
     return short >= 256 and (k + 10) * 4 <= short

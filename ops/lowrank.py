@@ -1,4 +1,4 @@
-"""``LowRank``: the common language of extract, init, compress, port, apply and the adapter format."""
+"""``LowRank``: the common language of extract, init, compress, port, apply and adapters."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class LowRank:
 
 
 def split_factors(u: Array, s: Array, vh: Array, scale: float = 1.0) -> LowRank:
-    """Split singular triplets evenly into PEFT factors: ``A = √(s/scale)·vh``, ``B = u·√(s/scale)``.
+    """Split singular triplets into PEFT factors: ``A = √(s/scale)·vh``, ``B = u·√(s/scale)``.
 
     ``scale · B @ A == u @ diag(s) @ vh`` exactly (PEFT's PiSSA/CorDA convention).
 

@@ -6,8 +6,9 @@ folder with ``model.safetensors.index.json``, any folder of ``*.safetensors`` fi
 
 Names, shapes, dtypes and byte sizes come from the headers alone, parsed here (the first
 ``8 + N`` bytes of each file), so opening and planning never read tensor data. Tensors are loaded
-one at a time, in their stored dtype, through ``safetensors.safe_open(framework="pt")``; at most one
-shard handle is open at a time.
+one at a time, in their stored dtype, by reading their byte range directly; at most one
+file is touched at a time, with positional reads (no mmap, so resident memory is bounded by the
+tensors in flight).
 
 GPT-2 style ``Conv1D`` weights are stored ``(in, out)``; this view presents them as ``(out, in)``
 (:meth:`Checkpoint.shape`, :meth:`Checkpoint.get`) and :meth:`Checkpoint.to_stored` turns a computed
@@ -58,6 +59,11 @@ AUX_FILES = (
 # Architectures whose linear layers are transformers.pytorch_utils.Conv1D, stored (in, out).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "decision_transformer", "imagegpt"})
 CONV1D_LEAVES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
+    "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
@@ -100,9 +106,7 @@ def torch_dtype(name: str) -> torch.dtype:
     try:
         return table[name.upper()]
     except KeyError:
-        raise SurgeryError(
-            f"unknown dtype {name!r}; choices: fp32, fp16, bf16, fp64"
-        ) from None
+        raise SurgeryError(f"unknown dtype {name!r}; choices: fp32, fp16, bf16, fp64") from None
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
@@ -195,8 +199,9 @@ class Checkpoint:
                         f"{f.name}; remove the stray file from {root}"
                     )
                 self._infos[name] = info
-        self._order = sorted(self._infos, key=lambda k: (files.index(self._infos[k].file),
-                                                         self._infos[k].offsets[0]))
+        self._order = sorted(
+            self._infos, key=lambda k: (files.index(self._infos[k].file), self._infos[k].offsets[0])
+        )
         cfg = root / "config.json" if root.is_dir() else None
         self.config: dict[str, Any] = {}
         if cfg is not None and cfg.is_file():
@@ -204,7 +209,7 @@ class Checkpoint:
                 self.config = json.loads(cfg.read_text())
             except ValueError as e:
                 raise SurgeryError(f"{cfg}: invalid JSON ({e})") from None
-        self._handle: tuple[Path, Any] | None = None
+        self._handle: tuple[Path, int] | None = None  # (file, data start) of the last file read
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -227,8 +232,10 @@ class Checkpoint:
                 ckpt = cls._open_path(local, source=repo)
                 ckpt.revision = commit
                 return ckpt
-            raise SurgeryError(f"{s}: no such file or folder (expected a safetensors checkpoint "
-                               "file/folder or a Hub id org/name[@revision])")
+            raise SurgeryError(
+                f"{s}: no such file or folder (expected a safetensors checkpoint "
+                "file/folder or a Hub id org/name[@revision])"
+            )
         return cls._open_path(path, source=s)
 
     @classmethod
@@ -246,25 +253,33 @@ class Checkpoint:
             names = sorted(set(weight_map.values()))
             missing = [n for n in names if not (path / n).is_file()]
             if missing:
-                raise SurgeryError(f"{index} lists shard(s) that are missing: "
-                                   f"{', '.join(missing[:5])}; re-download the checkpoint")
+                raise SurgeryError(
+                    f"{index} lists shard(s) that are missing: "
+                    f"{', '.join(missing[:5])}; re-download the checkpoint"
+                )
             ckpt = cls([path / n for n in names], path, source)
             absent = sorted(set(weight_map) - set(ckpt._infos))
             if absent:
-                raise SurgeryError(f"{index} maps {len(absent)} tensor(s) absent from the shards, "
-                                   f"e.g. {absent[0]!r}; re-download the checkpoint")
+                raise SurgeryError(
+                    f"{index} maps {len(absent)} tensor(s) absent from the shards, "
+                    f"e.g. {absent[0]!r}; re-download the checkpoint"
+                )
             return ckpt
         single = path / "model.safetensors"
         if single.is_file():
             return cls([single], path, source)
-        files = sorted(p for p in path.glob("*.safetensors") if p.name != "adapter_model.safetensors")
+        files = sorted(
+            p for p in path.glob("*.safetensors") if p.name != "adapter_model.safetensors"
+        )
         if files:
             return cls(files, path, source)
         pickles = [p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
         if pickles:
             raise _refuse_pickle(pickles[0])
-        raise SurgeryError(f"{path}: no .safetensors files found (expected model.safetensors or "
-                           "model.safetensors.index.json)")
+        raise SurgeryError(
+            f"{path}: no .safetensors files found (expected model.safetensors or "
+            "model.safetensors.index.json)"
+        )
 
     # -- header-only queries --------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -318,21 +333,51 @@ class Checkpoint:
         return sum(i.numel for i in self._infos.values())
 
     # -- data ---------------------------------------------------------------------------------
-    def _open_file(self, path: Path) -> Any:
-        from safetensors import safe_open
-
+    def _data_start(self, path: Path) -> int:
+        # Header length is cached per file; tensors are read with plain positional reads rather than
+        # mmap so that resident memory stays bounded by the tensors in flight, not the file size.
         if self._handle is None or self._handle[0] != path:
-            self._handle = None  # drop the previous shard's handle (one open at a time)
-            try:
-                self._handle = (path, safe_open(str(path), framework="pt"))
-            except Exception as e:  # noqa: BLE001 - safetensors raises several types
-                raise SurgeryError(f"{path}: cannot open as safetensors ({e})") from None
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+            self._handle = (path, 8 + n)
         return self._handle[1]
 
-    def raw(self, name: str) -> torch.Tensor:
-        """Load one tensor exactly as stored (stored dtype and layout)."""
+    def read_bytes(self, name: str, chunk: int = 64 << 20):
+        """Yield the stored bytes of one tensor in chunks (for byte-identical copy-through)."""
         info = self.info(name)
-        return self._open_file(info.file).get_tensor(name)
+        start = self._data_start(info.file) + info.offsets[0]
+        with open(info.file, "rb") as f:
+            f.seek(start)
+            left = info.nbytes
+            while left > 0:
+                b = f.read(min(chunk, left))
+                if not b:
+                    raise SurgeryError(f"{info.file}: unexpected end of file in tensor {name!r}")
+                left -= len(b)
+                yield b
+
+    def raw(self, name: str) -> torch.Tensor:
+        """Load one tensor exactly as stored (stored dtype and layout).
+
+        Raises:
+            SurgeryError: for dtypes torch cannot represent (copy those with :meth:`read_bytes`).
+        """
+        import torch
+
+        info = self.info(name)
+        tdt = _TORCH_DTYPES.get(info.dtype)
+        if tdt is None or not hasattr(torch, tdt):
+            raise SurgeryError(
+                f"tensor {name!r} is {info.dtype}, which torch cannot load; surgery "
+                "only copies it through"
+            )
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        with open(info.file, "rb") as f:
+            f.seek(self._data_start(info.file) + info.offsets[0])
+            got = f.readinto(buf.numpy())
+        if got != info.nbytes:
+            raise SurgeryError(f"{info.file}: unexpected end of file in tensor {name!r}")
+        return buf.view(getattr(torch, tdt)).reshape(info.shape)
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor in its stored dtype, Conv1D weights transposed to ``(out, in)``."""
@@ -356,7 +401,7 @@ class Checkpoint:
         return [self.root / n for n in AUX_FILES if (self.root / n).is_file()]
 
     def header_digest(self) -> str:
-        """SHA-256 over the raw headers of every file: identifies the checkpoint without its data."""
+        """SHA-256 over the raw headers of every file: names the checkpoint without its data."""
         import hashlib
 
         h = hashlib.sha256()

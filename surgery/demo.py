@@ -37,21 +37,30 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     names = list(tensors)
     if shards <= 1:
-        save_file({k: tensors[k].contiguous() for k in names}, str(out / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: tensors[k].contiguous() for k in names},
+            str(out / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
     else:
         per = -(-len(names) // shards)
         weight_map = {}
         for i in range(shards):
             part = names[i * per : (i + 1) * per]
             fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            save_file({k: tensors[k].contiguous() for k in part}, str(out / fname),
-                      metadata={"format": "pt"})
+            save_file(
+                {k: tensors[k].contiguous() for k in part},
+                str(out / fname),
+                metadata={"format": "pt"},
+            )
             weight_map.update({k: fname for k in part})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-            indent=2))
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                indent=2,
+            )
+        )
     if config is not None:
         (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
@@ -104,8 +113,12 @@ def tiny_llama(
         t[p + "post_attention_layernorm.weight"] = 1 + 0.05 * torch.randn(hidden, generator=g)
     t["model.norm.weight"] = torch.ones(hidden)
     t["lm_head.weight"] = 0.02 * torch.randn(vocab, hidden, generator=g)
-    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float64": torch.float64}[dtype]
+    tdt = {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "float64": torch.float64,
+    }[dtype]
     t = {k: v.to(tdt) for k, v in t.items()}
     if int_buffer:
         t["model.rotary_positions"] = torch.arange(16, dtype=torch.int64)
@@ -121,8 +134,14 @@ def tiny_llama(
 
 
 def tiny_gpt2(
-    out: str | Path, *, layers: int = 2, hidden: int = 32, vocab: int = 64, heads: int = 4,
-    dtype: str = "float32", seed: int = 0,
+    out: str | Path,
+    *,
+    layers: int = 2,
+    hidden: int = 32,
+    vocab: int = 64,
+    heads: int = 4,
+    dtype: str = "float32",
+    seed: int = 0,
 ) -> Path:
     """Write a random GPT-2 checkpoint (``Conv1D`` weights stored ``(in, out)``)."""
     import torch
@@ -160,8 +179,14 @@ def tiny_gpt2(
 
 
 def tiny_bert(
-    out: str | Path, *, layers: int = 2, hidden: int = 32, inter: int = 64, vocab: int = 64,
-    heads: int = 4, seed: int = 0,
+    out: str | Path,
+    *,
+    layers: int = 2,
+    hidden: int = 32,
+    inter: int = 64,
+    vocab: int = 64,
+    heads: int = 4,
+    seed: int = 0,
 ) -> Path:
     """Write a random BERT encoder checkpoint (``BertModel``, with pooler)."""
     import torch
@@ -179,8 +204,12 @@ def tiny_bert(
     }
     for li in range(layers):
         p = f"encoder.layer.{li}."
-        for n in ("attention.self.query", "attention.self.key", "attention.self.value",
-                  "attention.output.dense"):
+        for n in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+        ):
             t[p + n + ".weight"] = r(hidden, hidden)
             t[p + n + ".bias"] = torch.zeros(hidden)
         t[p + "attention.output.LayerNorm.weight"] = torch.ones(hidden)
@@ -201,7 +230,12 @@ def tiny_bert(
 
 
 def finetune(
-    base: str | Path, out: str | Path, *, seed: int = 1, scale: float = 0.01, rank: int | None = None,
+    base: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 1,
+    scale: float = 0.01,
+    rank: int | None = None,
     shards: int = 1,
 ) -> Path:
     """Write a "fine-tune" of ``base``: every 2-D float weight plus a seeded perturbation.
@@ -231,12 +265,18 @@ def finetune(
             tensors[k] = (t.float() + scale * d * t.float().std()).to(t.dtype)
     out = save_checkpoint(tensors, out, None, shards)
     for f in base.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+        if (
+            f.is_file()
+            and not f.name.endswith(".safetensors")
+            and f.name != "model.safetensors.index.json"
+        ):
             shutil.copy2(f, out / f.name)
     return out
 
 
-def demo_jsonl(out: str | Path, *, n: int = 16, vocab: int = 64, seq: int = 12, seed: int = 0) -> Path:
+def demo_jsonl(
+    out: str | Path, *, n: int = 16, vocab: int = 64, seq: int = 12, seed: int = 0
+) -> Path:
     """Write a calibration JSONL of ``{"input_ids": [...]}`` lines (no tokenizer needed)."""
     import random
 
@@ -246,5 +286,7 @@ def demo_jsonl(out: str | Path, *, n: int = 16, vocab: int = 64, seq: int = 12, 
     with open(out, "w") as f:
         for _ in range(n):
             length = rnd.randint(seq // 2, seq)
-            f.write(json.dumps({"input_ids": [rnd.randrange(3, vocab) for _ in range(length)]}) + "\n")
+            f.write(
+                json.dumps({"input_ids": [rnd.randrange(3, vocab) for _ in range(length)]}) + "\n"
+            )
     return out

@@ -40,7 +40,7 @@ def xp(request):
 
 @pytest.fixture
 def tiny_ckpt(tmp_path):
-    """Factory: ``tiny_ckpt(name="base", **kw)`` writes a tiny Llama checkpoint and returns its dir."""
+    """Factory: ``tiny_ckpt(name="base", **kw)`` writes a tiny Llama checkpoint, returns its dir."""
 
     def make(name: str = "base", **kw):
         return demo.tiny_llama(tmp_path / name, **kw)

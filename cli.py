@@ -1,0 +1,147 @@
+"""``surgery``: the command line, a thin layer over ``surgery.api``.
+
+Each command builds arguments, calls one API function, shows a progress bar through the loop's
+callback, and echoes the output path. Only click is imported at start-up (``--help`` < 1 s);
+``SurgeryError`` becomes ``Error: <message>`` with exit code 1; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def writing_options(f):
+    """The options every writing verb shares (see ``surgery.run.RunOptions``)."""
+    opts = [
+        click.option("-o", "--out", type=click.Path(), help="Output folder (written atomically)."),
+        click.option("--force", is_flag=True, help="Replace an existing output folder."),
+        click.option(
+            "--dry-run", is_flag=True, help="Print the plan and estimates; write nothing."
+        ),
+        click.option(
+            "--targets",
+            default=None,
+            help="Modules: all-linear (default), suffixes q_proj,v_proj, or a regex.",
+        ),
+        click.option("--exclude", default=None, help="Modules to skip (same syntax)."),
+        click.option("--layers", default=None, help="Layer indices, e.g. 0,2,5-7."),
+        click.option(
+            "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
+        ),
+        click.option("--dtype", default=None, help="Output dtype for computed tensors (bf16…)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--shard-size", default="5GB", show_default=True),
+        click.option(
+            "--executor",
+            type=click.Choice(["serial", "process", "ray"]),
+            default="serial",
+            show_default=True,
+        ),
+        click.option("--workers", type=int, default=1, show_default=True),
+        click.option("--ray-address", default=None, help="auto or HOST:PORT (default: local)."),
+        click.option("--push", default=None, metavar="REPO_ID", help="Push the output to the Hub."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def run_verb(fn, *args: Any, quiet: bool = False, **kwargs: Any) -> None:
+    """Call an API verb with a progress bar and print the result (a path or a dry-run plan)."""
+    from surgery.run import Plan
+
+    bar = None
+
+    def progress(done: int, total: int, name: str) -> None:
+        nonlocal bar
+        if quiet or not sys.stderr.isatty() and total < 2:
+            return
+        if bar is None:
+            bar = click.progressbar(
+                length=total, label=fn.__name__, file=sys.stderr, item_show_func=lambda n: n
+            )
+            bar.__enter__()
+        bar.update(1, name)
+
+    try:
+        result = fn(*args, progress=progress, **kwargs)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if isinstance(result, Plan):
+        click.echo(result.render())
+    else:
+        click.echo(f"wrote {result}")
+
+
+class SurgeryGroup(click.Group):
+    """A click group that turns ``SurgeryError`` into ``Error: <message>`` and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from surgery.errors import SurgeryError
+
+        try:
+            return super().invoke(ctx)
+        except SurgeryError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=SurgeryGroup, context_settings=CONTEXT)
+@click.version_option(package_name="ckpt-surgery", prog_name="surgery")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Model surgery on safetensors checkpoints: decompose, extract, merge, port, edit, push."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("src")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--spectra", is_flag=True, help="Add per-matrix singular-value figures.")
+@click.option("--targets", default="all-linear", show_default=True, help="Matrices for --spectra.")
+def inspect(src: str, as_json: bool, spectra: bool, targets: str) -> None:
+    """Show tensors, shapes, dtypes and shards of SRC (headers only unless --spectra)."""
+    from surgery import api
+
+    info = api.inspect(src, spectra_of=targets if spectra else None)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(api.format_inspect(info))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--kind", type=click.Choice(["merge", "decompose", "edit"]), default=None)
+@click.option("--json", "as_json", is_flag=True)
+def methods(kind: str | None, as_json: bool) -> None:
+    """List the registered methods with their parameters, defaults and papers."""
+    from surgery.methods import describe
+
+    rows = describe(kind)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<16} {r['kind']:<10} {r['summary']}")
+        params = ", ".join(f"{k}={v!r}" for k, v in r["params"].items())
+        click.echo(f"{'':<27} params: {params or '(none)'}")
+        click.echo(f"{'':<27} {r['reference']}")
+
+
+def main() -> None:
+    """Console entry point (``surgery``)."""
+    cli(prog_name="surgery")
+
+
+if __name__ == "__main__":
+    main()

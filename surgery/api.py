@@ -1,0 +1,150 @@
+"""The public verbs. Each opens its inputs, preflights on headers, and runs the streaming loop.
+
+Verbs that live in their own modules (merge, decompose, extract, calibrate, apply, port, convert,
+edit, push) are re-exported here so that ``surgery.api`` is the one place to look.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Any
+
+from .checkpoint import Checkpoint
+
+__all__ = ["open_checkpoint", "inspect", "spectra", "format_inspect"]
+
+
+def open_checkpoint(src: str) -> Checkpoint:
+    """Open a checkpoint (path or ``org/name[@revision]``) lazily: headers only."""
+    return Checkpoint.open(src)
+
+
+def _group(name: str) -> str:
+    # model.layers.3.mlp.up_proj.weight → model.layers.*.mlp.up_proj.weight
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def spectra(ckpt: Checkpoint, names: list[str], device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """Per-matrix singular-value figures: top σ, effective rank at 90/99 % energy, stable rank.
+
+    Loads one matrix at a time (full SVD in fp32).
+    """
+    import numpy as np
+
+    from ops.backend import array_namespace, to_host
+    from ops.lowrank import rank_for_energy
+
+    from .run import load
+
+    out: dict[str, dict[str, Any]] = {}
+    for n in names:
+        w = load(ckpt, n, device)
+        xp = array_namespace(w)
+        s = xp.linalg.svd(w, compute_uv=False)
+        s = np.asarray(to_host(s), dtype=np.float64)
+        fro2 = float((s**2).sum())
+        out[n] = {
+            "top_sigma": float(s[0]) if s.size else 0.0,
+            "rank90": rank_for_energy(s, 0.90) if fro2 else 0,
+            "rank99": rank_for_energy(s, 0.99) if fro2 else 0,
+            "stable_rank": fro2 / float(s[0]) ** 2 if s.size and s[0] > 0 else 0.0,
+            "full_rank": int(min(ckpt.shape(n))),
+            "sigma": s.tolist(),
+        }
+    return out
+
+
+def inspect(src: str | Checkpoint, *, spectra_of: str | None = None) -> dict[str, Any]:
+    """Describe a checkpoint from its headers (and optionally its spectra).
+
+    Args:
+        src: a path, a Hub id, or an open :class:`Checkpoint`.
+        spectra_of: a ``--targets`` spec; when given, adds per-matrix singular-value figures.
+
+    Returns:
+        ``{"source", "num_tensors", "num_params", "num_bytes", "files": [...], "dtypes": {dtype: n},
+        "groups": {pattern: {"count", "shape", "dtype", "params"}}, "tensors": [{"name", "shape",
+        "dtype", "shard"}], "config": {...}}`` plus ``"spectra"`` when requested.
+    """
+    ckpt = src if isinstance(src, Checkpoint) else Checkpoint.open(src)
+    dtypes: dict[str, int] = {}
+    groups: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    tensors = []
+    for n in ckpt.names():
+        info = ckpt.info(n)
+        dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
+        g = groups.setdefault(
+            _group(n), {"count": 0, "shape": list(info.shape), "dtype": info.dtype, "params": 0}
+        )
+        g["count"] += 1
+        g["params"] += info.numel
+        if list(info.shape) != g["shape"]:
+            g["shape"] = "mixed"
+        tensors.append(
+            {
+                "name": n,
+                "shape": list(info.shape),
+                "dtype": info.dtype,
+                "shard": info.file.name,
+                "conv1d": ckpt.is_conv1d(n),
+            }
+        )
+    out: dict[str, Any] = {
+        "source": str(ckpt.source),
+        "revision": ckpt.revision,
+        "num_tensors": len(ckpt),
+        "num_params": ckpt.num_params,
+        "num_bytes": ckpt.nbytes,
+        "files": [f.name for f in ckpt.files],
+        "dtypes": dtypes,
+        "architectures": ckpt.config.get("architectures"),
+        "model_type": ckpt.model_type,
+        "groups": groups,
+        "tensors": tensors,
+    }
+    if spectra_of is not None:
+        from .targets import select
+
+        names = select(ckpt, spectra_of)
+        out["spectra"] = spectra(ckpt, names)
+    return out
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    """Human-readable summary of :func:`inspect`'s result."""
+
+    def size(b: float) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if b < 1024 or unit == "TiB":
+                return f"{b:.1f} {unit}" if unit != "B" else f"{int(b)} B"
+            b /= 1024
+        return ""
+
+    lines = [
+        f"{info['source']}" + (f" @ {info['revision'][:12]}" if info.get("revision") else ""),
+        f"  architecture: {', '.join(info.get('architectures') or ['?'])} "
+        f"(model_type {info.get('model_type') or '?'})",
+        f"  tensors: {info['num_tensors']}   parameters: {info['num_params']:,}   "
+        f"size: {size(info['num_bytes'])}",
+        f"  files: {len(info['files'])} ({', '.join(info['files'][:3])}"
+        + (", …" if len(info["files"]) > 3 else "")
+        + ")",
+        "  dtypes: " + ", ".join(f"{k}×{v}" for k, v in sorted(info["dtypes"].items())),
+        "",
+        f"  {'tensor group':<56} {'count':>5}  {'shape':<16} {'dtype':<6} {'params':>14}",
+    ]
+    for pat, g in info["groups"].items():
+        shape = "mixed" if g["shape"] == "mixed" else "×".join(map(str, g["shape"])) or "scalar"
+        lines.append(f"  {pat:<56} {g['count']:>5}  {shape:<16} {g['dtype']:<6} {g['params']:>14,}")
+    if "spectra" in info:
+        lines += [
+            "",
+            f"  {'matrix':<56} {'top σ':>9} {'r90':>5} {'r99':>5} {'stable':>7} {'full':>5}",
+        ]
+        for n, s in info["spectra"].items():
+            lines.append(
+                f"  {n:<56} {s['top_sigma']:>9.4g} {s['rank90']:>5} {s['rank99']:>5} "
+                f"{s['stable_rank']:>7.2f} {s['full_rank']:>5}"
+            )
+    return "\n".join(lines)

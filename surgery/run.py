@@ -1,0 +1,387 @@
+"""THE streaming loop: plan → preflight (headers) → per tensor: load → compute fp32 → cast → write.
+
+Every writing verb builds a :class:`Job` and calls :func:`execute`. The per-tensor work is a
+picklable callable ``task(name) -> TensorResult`` (a pure function of one tensor name: it opens its
+inputs itself, so the same task runs serially, in a process pool or on Ray). The driver alone writes
+the shards, the adapter and the manifest; :class:`~surgery.writer.ShardWriter` places each result at
+its pre-computed offset, so the output bytes do not depend on the executor or completion order.
+
+Memory bound (serial executor): at most one tensor per input checkpoint is loaded at a time, plus
+the fp32 working copies and outputs of the current tensor — roughly
+``(inputs + 3) × 4 × numel(largest computed tensor)`` bytes on top of the interpreter, whatever the
+checkpoint size; untouched tensors are copied through in 64 MiB chunks. Adapter factors of the whole
+run are kept until the end (they are small: ``r·(out+in)`` floats per module).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ops.backend import OpError, release_memory, select_device, to_torch, to_xp
+
+from .checkpoint import COMPUTABLE_DTYPES, Checkpoint, torch_dtype
+from .errors import SurgeryError
+from .manifest import Manifest
+from .targets import module_of
+from .writer import DEFAULT_SHARD_SIZE, TORCH_TO_ST, Entry, OutputDir, ShardWriter
+
+if TYPE_CHECKING:
+    import torch
+
+    from ops.lowrank import LowRank
+
+__all__ = [
+    "Job", "TensorResult", "Plan", "execute", "resolve_device", "load", "store", "call",
+    "map_tasks", "Progress", "out_dtype_name", "RunOptions",
+]  # fmt: skip
+
+log = logging.getLogger("surgery")
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class TensorResult:
+    """What one task returns for one tensor name.
+
+    Attributes:
+        name: the tensor name.
+        tensor: the full-model output in stored layout and output dtype (``None``: no model output).
+        lowrank: adapter factors (numpy float32, PEFT orientation) for ``module_of(name)``.
+        report: per-tensor figures for the manifest (errors, energies, ranks…).
+    """
+
+    name: str
+    tensor: torch.Tensor | None = None
+    lowrank: LowRank | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """What a run will do; printed by ``--dry-run``."""
+
+    verb: str
+    out: Path
+    computed: int
+    copied: int
+    peak_memory: int
+    output_bytes: int
+    shards: int
+    lines: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+        head = [
+            f"plan: surgery {self.verb} → {self.out}",
+            f"  tensors computed: {self.computed}",
+            f"  tensors copied through: {self.copied}",
+            f"  output: {gib(self.output_bytes)} in {self.shards} file(s)",
+            f"  peak memory (estimate): {gib(self.peak_memory)}",
+        ]
+        return "\n".join(head + [f"  {x}" for x in self.lines])
+
+
+@dataclass
+class Job:
+    """Everything :func:`execute` needs. Verbs fill it in and stay ~20 lines.
+
+    Attributes:
+        template: the checkpoint whose layout a full-model output follows (untouched tensors are
+            copied from it byte for byte, with its config/tokenizer files). ``None``: no model.
+        compute: tensor names the task computes (a subset of ``template`` for model outputs).
+        task: ``name -> TensorResult``; picklable for the process/ray executors.
+        out_dtypes: output safetensors dtype per computed tensor (default: the stored dtype).
+        finish_adapter: ``(lowranks, folder, manifest) -> None`` writes the adapter when set.
+        adapter_subdir: ``""`` (adapter is the whole output) or ``"adapter"``.
+        mem_per_tensor: peak bytes for computing one tensor (for the dry-run estimate).
+    """
+
+    verb: str
+    out: Path
+    manifest: Manifest
+    compute: list[str]
+    task: Callable[[str], TensorResult]
+    template: Checkpoint | None = None
+    out_dtypes: dict[str, str] = field(default_factory=dict)
+    finish_adapter: Callable[[dict[str, LowRank], Path, Manifest], None] | None = None
+    adapter_subdir: str = ""
+    force: bool = False
+    dry_run: bool = False
+    shard_size: int = DEFAULT_SHARD_SIZE
+    executor: str = "serial"
+    workers: int = 1
+    ray_address: str | None = None
+    push: str | None = None
+    mem_per_tensor: Callable[[str], int] | None = None
+    plan_lines: list[str] = field(default_factory=list)
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class RunOptions:
+    """The options every writing verb shares (the CLI's common flags, the API's keywords).
+
+    Verbs accept them as keyword arguments: ``surgery.merge(models, base=..., method="ties",
+    out="merged", force=True, seed=1)``.
+    """
+
+    out: str | Path | None = None
+    force: bool = False
+    dry_run: bool = False
+    targets: str | list[str] | None = None
+    exclude: str | list[str] | None = None
+    layers: str | list[int] | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    seed: int = 0
+    shard_size: str | int = DEFAULT_SHARD_SIZE
+    executor: str = "serial"
+    workers: int = 1
+    ray_address: str | None = None
+    push: str | None = None
+    progress: Progress | None = None
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> RunOptions:
+        """Build from keyword arguments, rejecting unknown names with the valid list."""
+        import dataclasses
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(options) - known)
+        if bad:
+            raise SurgeryError(
+                f"unknown option(s) {', '.join(bad)}; valid: {', '.join(sorted(known))}"
+            )
+        opts = cls(**options)
+        if opts.out is None and not opts.dry_run:
+            raise SurgeryError("an output folder is required (-o OUT)")
+        return opts
+
+    def job(self, verb: str, manifest: Manifest, compute: list[str], task, **kw: Any) -> Job:
+        """A :class:`Job` carrying these options."""
+        from .writer import parse_size
+
+        return Job(
+            verb=verb,
+            out=Path(self.out or "."),
+            manifest=manifest,
+            compute=compute,
+            task=task,
+            force=self.force,
+            dry_run=self.dry_run,
+            shard_size=parse_size(self.shard_size),
+            executor=self.executor,
+            workers=self.workers,
+            ray_address=self.ray_address,
+            push=self.push,
+            **kw,
+        )
+
+
+def resolve_device(device: str) -> str:
+    """``auto|cpu|gpu`` → ``cpu|gpu`` (``SURGERY_DEVICE`` overrides ``auto``); user-facing errors."""
+    import os
+
+    if device == "auto":
+        device = os.environ.get("SURGERY_DEVICE", "auto")
+    try:
+        chosen = select_device(device)
+    except OpError as e:
+        raise SurgeryError(str(e)) from None
+    log.info("device: %s", chosen)
+    return chosen
+
+
+def out_dtype_name(dtype: str | None, stored: str) -> str:
+    """The safetensors dtype a computed tensor is written in (``--dtype`` or the stored one)."""
+    if dtype is None or stored not in COMPUTABLE_DTYPES:
+        return stored
+    return TORCH_TO_ST[str(torch_dtype(dtype))]
+
+
+def load(ckpt: Checkpoint, name: str, device: str = "cpu", precision: str = "float32"):
+    """Load one tensor as an fp32 (or fp64) xp array in ``(out, in)`` orientation.
+
+    Raises:
+        SurgeryError: when the tensor is not a float dtype surgery computes on.
+    """
+    dt = ckpt.dtype(name)
+    if dt not in COMPUTABLE_DTYPES:
+        raise SurgeryError(
+            f"{name} {list(ckpt.shape(name))} is {dt}; surgery computes only on F16/BF16/F32/F64 "
+            "weights; exclude it with --exclude or dequantize first"
+        )
+    return to_xp(ckpt.get(name), device, precision)
+
+
+def store(ckpt: Checkpoint, name: str, arr, dtype: str) -> torch.Tensor:
+    """xp array ``(out, in)`` → torch tensor in the stored layout, cast to ``dtype`` (ST name)."""
+    t = to_torch(arr, torch_dtype(dtype))
+    return ckpt.to_stored(name, t)
+
+
+def call(fn: Callable[..., Any], name: str, shape: Iterable[int], *args: Any, **kwargs: Any) -> Any:
+    """Run a kernel; an ``OpError`` becomes a ``SurgeryError`` naming the tensor and its shape."""
+    try:
+        return fn(*args, **kwargs)
+    except OpError as e:
+        raise SurgeryError(f"{name} {list(shape)}: {e}") from None
+
+
+def map_tasks(
+    task: Callable[[str], TensorResult],
+    names: list[str],
+    *,
+    executor: str = "serial",
+    workers: int = 1,
+    ray_address: str | None = None,
+    cost: Callable[[str], int] | None = None,
+) -> Iterator[TensorResult]:
+    """Yield ``task(name)`` for every name (completion order for parallel executors).
+
+    ``serial`` runs in this process in plan order; ``process`` uses a local pool of ``workers``;
+    ``ray`` (extra ``ray``) fans out over a cluster. Parallel executors schedule the largest
+    tensors first and bound the tasks in flight to ``2 × workers``.
+    """
+    if executor == "serial":
+        for n in names:
+            yield task(n)
+            release_memory()
+        return
+    order = sorted(names, key=lambda n: -(cost(n) if cost else 0))
+    if executor == "process":
+        yield from _map_process(task, order, max(1, workers))
+    elif executor == "ray":
+        from .executors import map_ray
+
+        yield from map_ray(task, order, workers=workers, address=ray_address)
+    else:
+        raise SurgeryError(f"unknown executor {executor!r}; choices: serial, process, ray")
+
+
+def _map_process(task, order: list[str], workers: int) -> Iterator[TensorResult]:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    # spawn: torch and BLAS thread pools are not fork-safe.
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        pending: set = set()
+        it = iter(order)
+        for n in it:
+            pending.add(pool.submit(task, n))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                yield f.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.add(pool.submit(task, nxt))
+
+
+def _plan(job: Job) -> Plan:
+    t = job.template
+    compute = set(job.compute)
+    out_bytes = 0
+    n_files = 0
+    if t is not None:
+        for n in t.names():
+            e = Entry(n, job.out_dtypes.get(n, t.dtype(n)), t.info(n).shape)
+            out_bytes += e.nbytes
+        n_files = max(1, -(-out_bytes // job.shard_size)) if out_bytes else 1
+    peak = 0
+    for n in job.compute:
+        if job.mem_per_tensor is not None:
+            peak = max(peak, job.mem_per_tensor(n))
+        elif t is not None and n in t:
+            peak = max(peak, 3 * 4 * t.info(n).numel)
+    copied = len([n for n in t.names() if n not in compute]) if t is not None else 0
+    return Plan(
+        job.verb, job.out, len(job.compute), copied, peak, out_bytes, n_files, list(job.plan_lines)
+    )
+
+
+def execute(job: Job, progress: Progress | None = None) -> Path | Plan:
+    """Run a job: write the output folder atomically (or return the plan for ``--dry-run``).
+
+    Returns:
+        The output path, or a :class:`Plan` when ``job.dry_run``.
+
+    Raises:
+        SurgeryError: user-facing failures; nothing is left at ``job.out``.
+    """
+    if job.dry_run:
+        return _plan(job)
+    t0 = time.perf_counter()
+    with OutputDir(job.out, job.force) as od:
+        writer = None
+        t = job.template
+        if t is not None:
+            entries = [
+                Entry(n, job.out_dtypes.get(n, t.dtype(n)), t.info(n).shape) for n in t.names()
+            ]
+            writer = ShardWriter(od.tmp, entries, job.shard_size)
+            job.manifest.outputs["model"] = True
+        lowranks: dict[str, LowRank] = {}
+        total = len(job.compute)
+        cost = (lambda n: t.info(n).numel) if t is not None else None
+        done = 0
+        for res in map_tasks(
+            job.task,
+            job.compute,
+            executor=job.executor,
+            workers=job.workers,
+            ray_address=job.ray_address,
+            cost=cost,
+        ):
+            if res.tensor is not None:
+                if writer is None:
+                    raise SurgeryError(
+                        f"internal: {res.name} produced a tensor but {job.verb} has no model output"
+                    )
+                writer.write(res.name, res.tensor)
+            if res.lowrank is not None:
+                lowranks[module_of(res.name)] = res.lowrank
+            job.manifest.tensors.append({"name": res.name, **res.report})
+            done += 1
+            if progress is not None:
+                progress(done, total, res.name)
+        if writer is not None:
+            computed = set(job.compute)
+            for n in t.names():
+                if n not in computed:
+                    writer.write_bytes(n, t.read_bytes(n))  # byte-identical copy-through
+            writer.close()
+            for f in t.aux_files():
+                shutil.copy2(f, od.tmp / f.name)
+        if job.finish_adapter is not None:
+            folder = od.tmp / job.adapter_subdir if job.adapter_subdir else od.tmp
+            folder.mkdir(parents=True, exist_ok=True)
+            job.finish_adapter(lowranks, folder, job.manifest)
+            job.manifest.outputs["adapter"] = True
+        for rel, data in job.extra_files.items():
+            (od.tmp / rel).write_bytes(data)
+        job.manifest.summary.setdefault("seconds", round(time.perf_counter() - t0, 3))
+        job.manifest.write(od.tmp)
+        _write_card(od.tmp, job.manifest)
+        out = od.commit()
+    if job.push:
+        from .hub import push
+
+        push(out, job.push, commit_message=job.manifest.describe())
+    return out
+
+
+def _write_card(folder: Path, manifest: Manifest) -> None:
+    try:
+        from .card import write_card
+    except ImportError:  # card.py lands with the Hub work; outputs stay valid without it
+        return
+    write_card(folder, manifest.to_dict())
