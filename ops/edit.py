@@ -21,7 +21,14 @@ import numpy as np
 
 from .backend import Array, OpError, array_namespace, to_host
 
-__all__ = ["row_cosines", "select_top_rows", "shift_rows", "project_out"]
+__all__ = [
+    "row_cosines",
+    "select_top_rows",
+    "shift_rows",
+    "probe_edit",
+    "default_rows",
+    "project_out",
+]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -166,6 +173,57 @@ def shift_rows(
         rows = xp.asarray(idx)
         out[rows] = w[rows] + float(alpha) * d.astype(w.dtype)[None, :]
     return out
+
+
+def default_rows(hidden: int, total: int) -> int:
+    """Model Surgery's row budget generalised: ``4 · hidden`` rows, at most ``total``.
+
+    The released LLaMA-2-7B setting edits ``4096 · 4 = 16384`` of 352,256 ``gate_proj`` rows.
+    """
+    return max(1, min(4 * int(hidden), int(total)))
+
+
+def probe_edit(
+    w: Array,
+    *,
+    direction: Array,
+    selected: Array | None = None,
+    alpha: float = 1.0,
+    rows: int = 0,
+    selection: Literal["most_negative", "most_positive"] = "most_negative",
+    module: str = "mlp.gate_proj",
+    probe_row: int = 1,
+) -> Array:
+    """Shift the rows most anti-aligned with a behaviour probe by ``+alpha·w`` (Model Surgery).
+
+    ``w'[j] = w[j] + alpha · d`` for the selected rows ``j``; ``w (out, in)``, ``d (in,)``.
+    ``selected`` (supplied by the verb's read-only pass) holds this tensor's share of the global
+    top ``rows`` over all layers by ``−cos`` (``selection``); without it the top ``rows`` of this
+    matrix alone are taken (``rows = 0``: ``min(4·in, out)``). ``module`` (which tensors) and
+    ``probe_row`` (which row of a ``[classes, hidden]`` probe) are read by ``surgery edit``.
+
+    Args:
+        w: ``(out, in)`` weight (a ``gate_proj``: rows live in the hidden space).
+        direction: ``(in,)`` probe vector, not normalised.
+        selected: row indices to shift, or ``None`` to select within ``w``.
+        alpha: shift strength (1.08 in the released scripts; negative flips the sign).
+        rows: global number of rows to edit (``0``: 4 × hidden, the released 16384 for 4096).
+        selection: ``most_negative`` (released behaviour) or ``most_positive`` cosine.
+        module: module suffix of the edited tensors (used by the verb).
+        probe_row: class row of a 2-D probe (1 = the toxic class in the released probe).
+
+    Returns:
+        The edited ``(out, in)`` array.
+
+    Reference: https://arxiv.org/abs/2407.08770
+    """
+    if rows < 0:
+        raise OpError(f"rows must be >= 0 (0 = 4 x hidden size), got {rows}")
+    if selected is None:
+        cos = row_cosines(w, direction)
+        n = int(rows) or default_rows(w.shape[1], w.shape[0])
+        selected = select_top_rows({0: cos}, n, selection=selection)[0]
+    return shift_rows(w, direction=direction, selected=selected, alpha=alpha)
 
 
 def project_out(w: Array, *, direction: Array) -> Array:

@@ -30,7 +30,9 @@ __all__ = [
 
 KINDS = ("merge", "decompose", "edit")
 # Supplied by the loop, never by the user. Stats keys (cov, direction) come from --stats files.
-RESERVED = frozenset({"rng", "rank", "scale", "cov", "direction", "stats", "probe", "weights"})
+RESERVED = frozenset(
+    {"rng", "rank", "scale", "cov", "direction", "stats", "probe", "weights", "selected"}
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,11 @@ def _build() -> list[Method]:
 
 
 # (module, function, name, kind, reference) — add one line per method.
-_ENTRIES: list[tuple[str, str, str, str, str]] = []
+_ENTRIES: list[tuple[str, str, str, str, str]] = [
+    ("ops.compress", "compress", "compress", "decompose", "https://arxiv.org/abs/2307.07705"),
+    ("ops.edit", "probe_edit", "probe", "edit", "https://arxiv.org/abs/2407.08770"),
+    ("ops.edit", "project_out", "project_out", "edit", "https://arxiv.org/abs/2004.07667"),
+]
 
 
 def names(kind: str | None = None) -> list[str]:
