@@ -227,3 +227,32 @@ def describe(kind: str | None = None) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def markdown_table() -> str:
+    """The README's method table, generated from the registry."""
+    lines = ["| method | kind | what it does | parameters (defaults) | paper |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in sorted(describe(), key=lambda r: (r["kind"], r["name"])):
+        params = ", ".join(f"`{k}={v}`" for k, v in r["params"].items()) or "—"
+        lines.append(f"| `{r['name']}` | {r['kind']} | {r['summary']} | {params} | "
+                     f"[link]({r['reference']}) |")
+    return "\n".join(lines)
+
+
+def update_readme(path: str = "README.md") -> bool:
+    """Rewrite the table between the ``methods-table`` markers; True when the file changed."""
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text()
+    start, end = "<!-- methods-table:start -->", "<!-- methods-table:end -->"
+    a, b = text.index(start) + len(start), text.index(end)
+    new = text[:a] + "\n" + markdown_table() + "\n" + text[b:]
+    if new != text:
+        p.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m surgery.methods  (refreshes README.md's table)
+    update_readme()

@@ -185,7 +185,7 @@ class RunOptions:
 
 
 def resolve_device(device: str) -> str:
-    """``auto|cpu|gpu`` → ``cpu|gpu`` (``SURGERY_DEVICE`` overrides ``auto``); user-facing errors."""
+    """Resolve ``auto|cpu|gpu`` to ``cpu|gpu`` (``SURGERY_DEVICE`` overrides ``auto``)."""
     import os
 
     if device == "auto":

@@ -88,3 +88,10 @@ def test_methods_lists_registry():
     for row in rows:
         assert row["reference"].startswith("https://")
         assert row["kind"] in ("merge", "decompose", "edit")
+
+
+def test_readme_method_table_is_current():
+    from surgery.methods import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, "run `python -m surgery.methods` to refresh README.md"
