@@ -219,6 +219,9 @@ def probe_edit(
     """
     if rows < 0:
         raise OpError(f"rows must be >= 0 (0 = 4 x hidden size), got {rows}")
+    if selection not in ("most_negative", "most_positive"):
+        # Validated here too: with `selected` given, selection is otherwise never looked at.
+        raise OpError(f"selection must be most_negative or most_positive, got {selection!r}")
     if selected is None:
         cos = row_cosines(w, direction)
         n = int(rows) or default_rows(w.shape[1], w.shape[0])
