@@ -138,6 +138,19 @@ def methods(kind: str | None, as_json: bool) -> None:
         click.echo(f"{'':<27} {r['reference']}")
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("src")
+@click.option("-m", "--method", default="probe", show_default=True, help="probe or project_out.")
+@click.option("--probe", required=True, help="safetensors file holding 'probe' [hidden].")
+@click.option("-p", "--param", "params", multiple=True, help="key=value method parameter.")
+@writing_options
+def edit(src, method, probe, params, quiet, **common):
+    """Edit weights with a behaviour probe (Model Surgery) and write the edited model."""
+    from surgery.edit import edit as api_fn
+
+    run_verb(api_fn, src, method=method, probe=probe, params=list(params), quiet=quiet, **common)
+
+
 def main() -> None:
     """Console entry point (``surgery``)."""
     cli(prog_name="surgery")
