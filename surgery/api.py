@@ -148,3 +148,6 @@ def format_inspect(info: dict[str, Any]) -> str:
                 f"{s['stable_rank']:>7.2f} {s['full_rank']:>5}"
             )
     return "\n".join(lines)
+
+
+from .edit import edit  # noqa: E402, F401  (re-export: probe edit, project_out)
