@@ -1,7 +1,8 @@
 """Plots: singular-value spectra and per-module error / drift maps (extra ``plot``).
 
-matplotlib is imported lazily with the non-interactive ``Agg`` backend, so ``import surgery`` never
-pays for it and the plots work on headless machines. A missing matplotlib is a ``SurgeryError``
+matplotlib is imported lazily and figures are drawn on an ``Agg`` canvas without pyplot, so
+``import surgery`` never pays for it, the plots work on headless machines, and a notebook's own
+backend is left alone. A missing matplotlib is a ``SurgeryError``
 telling the user how to install it.
 
 * :func:`plot_spectra` reads what :func:`surgery.api.spectra` / :func:`surgery.api.inspect` return.
@@ -43,16 +44,25 @@ _PREFERRED = ("err", "error", "drift", "cos", "energy", "rank")
 _MAX_PANELS = 4
 
 
-def _pyplot():
-    """Import matplotlib with the Agg backend, or raise the install hint."""
-    try:
-        import matplotlib
+class _Mpl:
+    """The few matplotlib pieces used here, imported on first use."""
 
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SurgeryError(INSTALL_HINT) from None
-    return plt
+    def __init__(self) -> None:
+        try:
+            from matplotlib import cm, colormaps, colors
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise SurgeryError(INSTALL_HINT) from None
+        self.cm, self.colormaps, self.colors = cm, colormaps, colors
+        self.Figure, self.Canvas = Figure, FigureCanvasAgg
+
+    def figure(self, nrows: int, ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
+        # A bare Figure on an Agg canvas: no pyplot, so no global backend switch (a notebook's
+        # inline backend keeps working) and nothing to close (freed with the object).
+        fig = self.Figure(figsize=figsize, layout="constrained")
+        self.Canvas(fig)
+        return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def module_type(name: str) -> tuple[int | None, str]:
@@ -87,9 +97,9 @@ def _rank_at(curve: Sequence[float], energy: float) -> int:
     return len(curve)
 
 
-def _layer_colors(plt: Any, layers: Sequence[int | None]) -> dict[int | None, Any]:
+def _layer_colors(mpl: _Mpl, layers: Sequence[int | None]) -> dict[int | None, Any]:
     known = sorted({li for li in layers if li is not None})
-    cmap = plt.get_cmap("viridis")
+    cmap = mpl.colormaps["viridis"]
     colors: dict[int | None, Any] = {None: "black"}
     for j, li in enumerate(known):
         colors[li] = cmap(j / max(len(known) - 1, 1))
@@ -142,19 +152,17 @@ def plot_spectra(
             "plot_spectra: these rows have no 'sigma' list (pass the output of surgery.api.spectra "
             "or inspect(..., spectra_of=...)): " + ", ".join(missing[:5])
         )
-    plt = _pyplot()
+    mpl = _Mpl()
 
     # Group rows by module type, keeping first-seen order (the checkpoint's disk order).
     groups: dict[str, list[tuple[int | None, str, list[float]]]] = {}
     for name, row in spectra.items():
         layer, mtype = module_type(name)
         groups.setdefault(mtype, []).append((layer, name, [float(s) for s in row["sigma"]]))
-    colors = _layer_colors(plt, [li for rows in groups.values() for li, _, _ in rows])
+    colors = _layer_colors(mpl, [li for rows in groups.values() for li, _, _ in rows])
 
     ncols = len(groups)
-    fig, axes = plt.subplots(
-        2, ncols, figsize=(max(2.6 * ncols, 4.0), 5.2), squeeze=False, constrained_layout=True
-    )
+    fig, axes = mpl.figure(2, ncols, (max(2.6 * ncols, 4.0), 5.2))
     for j, (mtype, rows) in enumerate(groups.items()):
         ax_s, ax_e = axes[0][j], axes[1][j]
         ranks = []
@@ -190,23 +198,21 @@ def plot_spectra(
     axes[1][0].set_ylabel("cumulative energy", fontsize=8)
     known = sorted({li for rows in groups.values() for li, _, _ in rows if li is not None})
     if len(known) > 1:
-        sm = plt.cm.ScalarMappable(
-            cmap="viridis", norm=plt.Normalize(vmin=known[0], vmax=known[-1])
+        sm = mpl.cm.ScalarMappable(
+            cmap="viridis", norm=mpl.colors.Normalize(vmin=known[0], vmax=known[-1])
         )
         fig.colorbar(sm, ax=axes[:, -1].tolist(), label="layer", shrink=0.8)
     fig.suptitle(title or "singular values", fontsize=10)
-    return _save(plt, fig, path, dpi)
+    return _save(fig, path, dpi)
 
 
-def _save(plt: Any, fig: Any, path: str | Path, dpi: int) -> Path:
+def _save(fig: Any, path: str | Path, dpi: int) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi)
     except (OSError, ValueError) as e:
         raise SurgeryError(f"cannot write the plot to {path}: {e}") from None
-    finally:
-        plt.close(fig)
     log.info("wrote plot %s", path)
     return path
 
@@ -334,14 +340,14 @@ def plot_report(
                 f"plot_report: unknown metric {', '.join(map(repr, bad))}; this manifest has: "
                 + ", ".join(fields)
             )
-    plt = _pyplot()
+    mpl = _Mpl()
     import numpy as np
 
     n = len(chosen)
     ylabels, types, _ = report_grid(man, chosen[0])
     cw = max(0.55 * len(types) + 1.8, 3.2)
     ch = max(0.28 * len(ylabels) + 1.4, 2.4)
-    fig, axes = plt.subplots(1, n, figsize=(cw * n, ch), squeeze=False, constrained_layout=True)
+    fig, axes = mpl.figure(1, n, (cw * n, ch))
     annotate = len(types) * len(ylabels) <= 80
     for ax, field in zip(axes[0], chosen):
         _, _, grid = report_grid(man, field)
@@ -351,7 +357,7 @@ def plot_report(
         if use_log is None:
             use_log = bool(pos.size and finite.min() > 0 and pos.max() / pos.min() > 1e3)
         shown = np.log10(np.where(grid > 0, grid, np.nan)) if use_log else grid
-        cmap = plt.get_cmap("magma_r").with_extremes(bad="#eeeeee")  # blank = no value
+        cmap = mpl.colormaps["magma_r"].with_extremes(bad="#eeeeee")  # blank = no value
         im = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap=cmap, interpolation="none")
         fig.colorbar(im, ax=ax, shrink=0.85, label=f"log10 {field}" if use_log else field)
         if annotate and finite.size:
@@ -366,4 +372,4 @@ def plot_report(
         ax.set_title(field, fontsize=9)
     default = " ".join(str(x) for x in ("surgery", man.get("verb"), man.get("method")) if x)
     fig.suptitle(title or default, fontsize=10)
-    return _save(plt, fig, path, dpi)
+    return _save(fig, path, dpi)
