@@ -75,6 +75,11 @@ _ENTRIES: list[tuple[str, str, str, str, str]] = [
     ("ops.compress", "compress", "compress", "decompose", "https://arxiv.org/abs/2307.07705"),
     ("ops.edit", "probe_edit", "probe", "edit", "https://arxiv.org/abs/2407.08770"),
     ("ops.edit", "project_out", "project_out", "edit", "https://arxiv.org/abs/2004.07667"),
+    ("ops.merge", "task_arithmetic", "task_arithmetic", "merge", "https://arxiv.org/abs/2212.04089"),
+    ("ops.merge", "ties", "ties", "merge", "https://arxiv.org/abs/2306.01708"),
+    ("ops.merge", "dare_linear", "dare_linear", "merge", "https://arxiv.org/abs/2311.03099"),
+    ("ops.merge", "dare_ties", "dare_ties", "merge", "https://arxiv.org/abs/2311.03099"),
+    ("ops.merge", "pcb", "pcb", "merge", "https://arxiv.org/abs/2410.02396"),
 ]
 
 
