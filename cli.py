@@ -151,6 +151,22 @@ def edit(src, method, probe, params, quiet, **common):
     run_verb(api_fn, src, method=method, probe=probe, params=list(params), quiet=quiet, **common)
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, help="Branch to commit to (created if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
+@click.option("--commit-message", default=None, help="Default: what surgery.json says was done.")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login).")
+def push(folder, repo_id, private, revision, create_pr, commit_message, token) -> None:
+    """Upload FOLDER to the Hub repo REPO_ID in one commit and print the commit URL."""
+    from surgery.hub import push as hub_push
+
+    opts = dict(private=private, revision=revision, create_pr=create_pr)
+    click.echo(hub_push(folder, repo_id, token=token, commit_message=commit_message, **opts))
+
+
 def main() -> None:
     """Console entry point (``surgery``)."""
     cli(prog_name="surgery")

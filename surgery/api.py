@@ -67,7 +67,12 @@ def inspect(src: str | Checkpoint, *, spectra_of: str | None = None) -> dict[str
         "groups": {pattern: {"count", "shape", "dtype", "params"}}, "tensors": [{"name", "shape",
         "dtype", "shard"}], "config": {...}}`` plus ``"spectra"`` when requested.
     """
-    ckpt = src if isinstance(src, Checkpoint) else Checkpoint.open(src)
+    ckpt: Any = src
+    if not isinstance(src, Checkpoint):
+        from .hub import remote_source
+
+        # A Hub id without --spectra: read the headers with range requests, no weight download.
+        ckpt = (remote_source(str(src)) if spectra_of is None else None) or Checkpoint.open(src)
     dtypes: dict[str, int] = {}
     groups: OrderedDict[str, dict[str, Any]] = OrderedDict()
     tensors = []
@@ -151,3 +156,4 @@ def format_inspect(info: dict[str, Any]) -> str:
 
 
 from .edit import edit  # noqa: E402, F401  (re-export: probe edit, project_out)
+from .hub import push  # noqa: E402, F401  (re-export: upload a folder to the Hub)
