@@ -1,0 +1,240 @@
+"""``Stats``: per-module calibration tensors (``<module>.cov`` …) in one safetensors file.
+
+Layout of a stats file (readable with plain ``safetensors``):
+
+* ``<module>.cov``      ``[in, in]`` F32 (or F64): the input covariance of module ``<module>``
+  (the checkpoint's tensor name without ``.weight``), already divided by its count.
+* ``<module>.samples``  ``[1]`` I64: samples (forward calls × batch rows) that reached the module.
+* ``<module>.tokens``   ``[1]`` I64: tokens that reached the module.
+* other ``<module>.<key>`` tensors (e.g. ``direction`` for probe edits) are kept as they are.
+* metadata (all strings): ``fingerprint`` (hex), ``convention`` (``max`` — the official/PEFT
+  per-sample normalisation — or ``none``: token-weighted), ``options`` (JSON), ``format=pt``.
+
+Tensors are read lazily, one module at a time; writing goes through a temporary file and an atomic
+rename, so a crashed run never leaves a half-written stats file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .checkpoint import read_header
+from .errors import SurgeryError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .checkpoint import Checkpoint
+
+__all__ = ["Stats", "write_stats", "STAT_KEYS"]
+
+# Suffixes that make a tensor name ``<module>.<key>`` (longest names first is not needed: keys are
+# single dotted components).
+STAT_KEYS = ("cov", "samples", "tokens", "direction")
+
+
+def _split(name: str) -> tuple[str, str]:
+    """``model.layers.0.mlp.up_proj.cov`` → (``model.layers.0.mlp.up_proj``, ``cov``)."""
+    mod, _, key = name.rpartition(".")
+    return mod, key
+
+
+class Stats:
+    """Lazy read-only view of a stats safetensors file. Use :meth:`open`."""
+
+    def __init__(
+        self, path: Path, meta: dict[str, str], names: list[str], shapes: dict[str, tuple]
+    ):
+        self.path = path
+        self._meta_raw = meta
+        self._names = names
+        self._shapes = shapes
+        self._handle: Any = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Stats:
+        """Open a stats file (reads only the header).
+
+        Raises:
+            SurgeryError: missing, pickle or corrupt file.
+        """
+        p = Path(path).expanduser()
+        if p.suffix.lower() in (".pt", ".pth", ".bin", ".pkl", ".pickle"):
+            raise SurgeryError(
+                f"{p}: stats must be a .safetensors file; surgery never loads pickles (a PEFT "
+                "covariance_file is a torch pickle: convert it with safetensors.torch.save_file, "
+                "naming each tensor '<module>.cov')"
+            )
+        if not p.is_file():
+            raise SurgeryError(f"{p}: no such stats file; create one with `surgery calibrate`")
+        meta, infos = read_header(p)
+        names = list(infos)
+        shapes = {n: i.shape for n, i in infos.items()}
+        return cls(p, {str(k): str(v) for k, v in meta.items()}, names, shapes)
+
+    # -- metadata -------------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Metadata with ``options`` decoded from JSON (other values are strings)."""
+        out: dict[str, Any] = dict(self._meta_raw)
+        for k in ("options",):
+            if k in out:
+                try:
+                    out[k] = json.loads(out[k])
+                except ValueError:
+                    pass  # a user-written file may hold a plain string; keep it
+        return out
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self._meta_raw.get("fingerprint")
+
+    @property
+    def convention(self) -> str | None:
+        return self._meta_raw.get("convention")
+
+    # -- header-only queries ----------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """All tensor names in the file."""
+        return list(self._names)
+
+    def modules(self, key: str = "cov") -> list[str]:
+        """Modules that have a ``<module>.<key>`` tensor, in file order."""
+        return [_split(n)[0] for n in self._names if _split(n)[1] == key]
+
+    def has(self, module: str, key: str = "cov") -> bool:
+        return f"{module}.{key}" in self._shapes
+
+    def shape(self, module: str, key: str = "cov") -> tuple[int, ...]:
+        try:
+            return self._shapes[f"{module}.{key}"]
+        except KeyError:
+            raise self._missing(module, key) from None
+
+    def __contains__(self, module: object) -> bool:
+        return isinstance(module, str) and self.has(module)
+
+    def __len__(self) -> int:
+        return len(self.modules())
+
+    # -- data -------------------------------------------------------------------------------------
+    def get(self, module: str, key: str = "cov") -> torch.Tensor:
+        """Load ``<module>.<key>`` (stored dtype, CPU)."""
+        name = f"{module}.{key}"
+        if name not in self._shapes:
+            raise self._missing(module, key)
+        if self._handle is None:
+            from safetensors import safe_open
+
+            try:
+                self._handle = safe_open(str(self.path), framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types
+                raise SurgeryError(f"{self.path}: cannot open as safetensors ({e})") from None
+        return self._handle.get_tensor(name)
+
+    def cov(self, module: str) -> torch.Tensor:
+        """The ``[in, in]`` covariance of ``module`` (stored dtype: float32 or float64)."""
+        return self.get(module, "cov")
+
+    def count(self, module: str, key: str = "samples") -> int:
+        """``samples`` or ``tokens`` seen by ``module`` (0 when the file does not record it)."""
+        if not self.has(module, key):
+            return 0
+        return int(self.get(module, key).reshape(-1)[0])
+
+    def close(self) -> None:
+        self._handle = None
+
+    def _missing(self, module: str, key: str) -> SurgeryError:
+        from .errors import did_you_mean
+
+        hint = did_you_mean(module, self.modules(key))
+        extra = f"; did you mean {hint!r}?" if hint else ""
+        return SurgeryError(
+            f"{self.path}: no {key!r} for module {module!r}{extra} ({len(self.modules(key))} "
+            f"modules have one); run `surgery calibrate` with targets that include it"
+        )
+
+    # -- validation -------------------------------------------------------------------------------
+    def check(self, ckpt: Checkpoint, modules: Iterable[str], key: str = "cov") -> list[str]:
+        """Return every problem (empty when fine) for using these stats with ``ckpt``'s ``modules``.
+
+        Checks, per module: the stats hold ``<module>.<key>``, the checkpoint holds
+        ``<module>.weight``, and the covariance is ``[in, in]`` for the weight's ``(out, in)``
+        (Conv1D weights are compared in their ``(out, in)`` orientation).
+        """
+        problems: list[str] = []
+        for m in modules:
+            m = m[: -len(".weight")] if m.endswith(".weight") else m
+            wname = f"{m}.weight"
+            if not self.has(m, key):
+                problems.append(
+                    f"{m}: no '{m}.{key}' in {self.path.name}; run `surgery calibrate` with "
+                    "targets that include this module"
+                )
+                continue
+            if wname not in ckpt:
+                problems.append(f"{m}: stats present but the checkpoint has no tensor {wname!r}")
+                continue
+            wshape = ckpt.shape(wname)
+            cshape = self.shape(m, key)
+            if key == "cov":
+                if len(wshape) != 2:
+                    problems.append(f"{m}: weight {wname} has shape {list(wshape)}, not 2-D")
+                elif cshape != (wshape[1], wshape[1]):
+                    problems.append(
+                        f"{m}: covariance is {list(cshape)} but weight {wname} {list(wshape)} "
+                        f"(out, in) needs [{wshape[1]}, {wshape[1]}]; the stats were computed for "
+                        "another model — recalibrate"
+                    )
+        return problems
+
+    def __repr__(self) -> str:
+        return f"Stats({str(self.path)!r}, {len(self)} modules, convention={self.convention!r})"
+
+
+def write_stats(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Any],
+    *,
+    fingerprint: str = "",
+    convention: str = "",
+    options: Mapping[str, Any] | None = None,
+    extra_meta: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a stats file atomically (temporary file in the same folder, then ``os.replace``).
+
+    Args:
+        path: destination ``.safetensors``.
+        tensors: ``{"<module>.<key>": torch tensor}``.
+        fingerprint: hex digest identifying the inputs (used as a cache key).
+        convention: ``max`` or ``none`` (see the module docstring).
+        options: JSON-serialisable options recorded in the metadata.
+        extra_meta: more string metadata.
+
+    Returns:
+        The written path.
+    """
+    from safetensors.torch import save_file
+
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": "pt",
+        "fingerprint": fingerprint,
+        "convention": convention,
+        "options": json.dumps(dict(options or {}), sort_keys=True),
+    }
+    meta.update({str(k): str(v) for k, v in (extra_meta or {}).items()})
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p
