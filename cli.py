@@ -48,6 +48,9 @@ def writing_options(f):
         click.option("--workers", type=int, default=1, show_default=True),
         click.option("--ray-address", default=None, help="auto or HOST:PORT (default: local)."),
         click.option("--push", default=None, metavar="REPO_ID", help="Push the output to the Hub."),
+        click.option(
+            "--resume", is_flag=True, help="Continue an interrupted run of the same command."
+        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
     ]
     for o in reversed(opts):

@@ -118,6 +118,7 @@ class Job:
     workers: int = 1
     ray_address: str | None = None
     push: str | None = None
+    resume: bool = False
     mem_per_tensor: Callable[[str], int] | None = None
     plan_lines: list[str] = field(default_factory=list)
     extra_files: dict[str, bytes] = field(default_factory=dict)
@@ -145,6 +146,7 @@ class RunOptions:
     workers: int = 1
     ray_address: str | None = None
     push: str | None = None
+    resume: bool = False
     progress: Progress | None = None
 
     @classmethod
@@ -180,6 +182,7 @@ class RunOptions:
             workers=self.workers,
             ray_address=self.ray_address,
             push=self.push,
+            resume=self.resume,
             **kw,
         )
 
@@ -242,12 +245,14 @@ def map_tasks(
     workers: int = 1,
     ray_address: str | None = None,
     cost: Callable[[str], int] | None = None,
+    device: str = "cpu",
 ) -> Iterator[TensorResult]:
     """Yield ``task(name)`` for every name (completion order for parallel executors).
 
-    ``serial`` runs in this process in plan order; ``process`` uses a local pool of ``workers``;
-    ``ray`` (extra ``ray``) fans out over a cluster. Parallel executors schedule the largest
-    tensors first and bound the tasks in flight to ``2 × workers``.
+    ``serial`` runs in this process in plan order; ``process`` uses a local pool of ``workers``
+    (BLAS threads split between them); ``ray`` (extra ``ray``) fans out over a cluster, with one
+    actor per GPU when ``device`` is ``gpu`` (see :mod:`surgery.executors`). Parallel executors
+    schedule the largest tensors first and bound the tasks in flight to ``2 × workers``.
     """
     if executor == "serial":
         for n in names:
@@ -260,18 +265,27 @@ def map_tasks(
     elif executor == "ray":
         from .executors import map_ray
 
-        yield from map_ray(task, order, workers=workers, address=ray_address)
+        yield from map_ray(task, order, workers=workers, address=ray_address, device=device)
     else:
         raise SurgeryError(f"unknown executor {executor!r}; choices: serial, process, ray")
 
 
 def _map_process(task, order: list[str], workers: int) -> Iterator[TensorResult]:
     import multiprocessing as mp
+    import os
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
-    # spawn: torch and BLAS thread pools are not fork-safe.
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        pending: set = set()
+    from .executors import Interrupted, limit_threads
+
+    # spawn: torch and BLAS thread pools are not fork-safe. Each worker gets its share of the
+    # cores for BLAS, so that N workers do not run N × cores threads.
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("spawn"), initializer=limit_threads, initargs=(threads,)
+    )
+    pending: set = set()
+    try:
         it = iter(order)
         for n in it:
             pending.add(pool.submit(task, n))
@@ -280,10 +294,19 @@ def _map_process(task, order: list[str], workers: int) -> Iterator[TensorResult]
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in done:
-                yield f.result()
+                try:
+                    res = f.result()
+                except BrokenProcessPool:
+                    raise Interrupted(
+                        "a worker process died (out of memory?); finished tensors are kept: "
+                        "rerun the same command with --resume (and fewer --workers)"
+                    ) from None
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.add(pool.submit(task, nxt))
+                yield res
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _plan(job: Job) -> Plan:
@@ -319,27 +342,45 @@ def execute(job: Job, progress: Progress | None = None) -> Path | Plan:
     """
     if job.dry_run:
         return _plan(job)
+    from .executors import EXECUTORS, connect
+
+    if job.executor not in EXECUTORS:
+        raise SurgeryError(f"unknown executor {job.executor!r}; choices: {', '.join(EXECUTORS)}")
+    if job.executor == "ray":
+        connect(job.ray_address, job.workers)  # an unreachable cluster fails before OUT exists
     t0 = time.perf_counter()
-    with OutputDir(job.out, job.force) as od:
+    with OutputDir(job.out, job.force, resume=job.resume, fingerprint=_fingerprint(job)) as od:
         writer = None
         t = job.template
+        journal = od.journal
         if t is not None:
             entries = [
                 Entry(n, job.out_dtypes.get(n, t.dtype(n)), t.info(n).shape) for n in t.names()
             ]
-            writer = ShardWriter(od.tmp, entries, job.shard_size)
+            writer = ShardWriter(od.tmp, entries, job.shard_size, resume=bool(journal.entries))
             job.manifest.outputs["model"] = True
         lowranks: dict[str, LowRank] = {}
+        # --resume: what the interrupted run finished is in the shards and the journal already.
+        for name, report, module, lowrank, wrote in journal.restored():
+            if writer is not None and wrote:
+                writer.mark_written(name)
+            if lowrank is not None and module is not None:
+                lowranks[module] = lowrank
+            job.manifest.tensors.append({"name": name, **report})
+        if journal.entries:
+            job.manifest.summary["resumed_tensors"] = len(journal.entries)
+        todo = [n for n in job.compute if n not in journal.entries]
         total = len(job.compute)
         cost = (lambda n: t.info(n).numel) if t is not None else None
-        done = 0
+        done = total - len(todo)
         for res in map_tasks(
             job.task,
-            job.compute,
+            todo,
             executor=job.executor,
             workers=job.workers,
             ray_address=job.ray_address,
             cost=cost,
+            device=job.manifest.device,
         ):
             if res.tensor is not None:
                 if writer is None:
@@ -347,12 +388,17 @@ def execute(job: Job, progress: Progress | None = None) -> Path | Plan:
                         f"internal: {res.name} produced a tensor but {job.verb} has no model output"
                     )
                 writer.write(res.name, res.tensor)
-            if res.lowrank is not None:
-                lowranks[module_of(res.name)] = res.lowrank
+            module = module_of(res.name) if res.lowrank is not None else None
+            if module is not None:
+                lowranks[module] = res.lowrank
             job.manifest.tensors.append({"name": res.name, **res.report})
+            # Only after the bytes landed: a kill before this line recomputes the tensor.
+            journal.record(res.name, res.report, module, res.lowrank, res.tensor is not None)
             done += 1
             if progress is not None:
                 progress(done, total, res.name)
+        # Completion order varies with the executor; hand the adapter writer a fixed order.
+        lowranks = dict(sorted(lowranks.items()))
         if writer is not None:
             computed = set(job.compute)
             for n in t.names():
@@ -377,6 +423,32 @@ def execute(job: Job, progress: Progress | None = None) -> Path | Plan:
 
         push(out, job.push, commit_message=job.manifest.describe())
     return out
+
+
+def _fingerprint(job: Job) -> str:
+    """Digest of everything that determines the output bytes (``--resume`` compares it).
+
+    The manifest without its results (verb, method, parameters, seed, device, inputs by header
+    digest, library versions) plus the plan (computed names, dtypes, shard size, template
+    layout). The executor and worker count are left out: they do not change the bytes.
+    """
+    import hashlib
+    import json
+
+    m = job.manifest.to_dict()
+    for k in ("tensors", "summary", "outputs"):
+        m.pop(k, None)
+    plan = {
+        "verb": job.verb,
+        "compute": list(job.compute),
+        "out_dtypes": sorted(job.out_dtypes.items()),
+        "shard_size": job.shard_size,
+        "template": job.template.header_digest() if job.template is not None else None,
+        "adapter_subdir": job.adapter_subdir,
+        "extra_files": sorted(job.extra_files),
+    }
+    raw = json.dumps([m, plan], sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()
 
 
 def _write_card(folder: Path, manifest: Manifest) -> None:
