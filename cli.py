@@ -155,6 +155,29 @@ def edit(src, method, probe, params, quiet, **common):
 
 
 @cli.command(context_settings=CONTEXT)
+@click.argument("src")
+@click.option("--data", required=True, help="Labelled JSONL: text/messages/input_ids + label.")
+@click.option("-o", "--out", required=True, help="The probe .safetensors file to write.")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--samples", type=int, default=None, help="Use the first N lines.")
+@click.option("--seq-len", type=int, default=None, help="Truncate samples to L tokens.")
+@click.option("--label-key", default="label", show_default=True)
+@click.option("--tokenizer", default=None, help="Tokenizer folder (default: SRC).")
+@click.option("--config", default=None, help="config.json when SRC has none.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--force", is_flag=True, help="Replace an existing file.")
+def probe(src, data, out, **kw):
+    """Train a behaviour probe on mean-pooled final hidden states (extra: calib)."""
+    from surgery.probe import probe_accuracy, train_probe
+
+    path = train_probe(src, data, out=out, **kw)
+    click.echo(f"wrote {path} (train accuracy {probe_accuracy(path):.3f})")
+
+
+@cli.command(context_settings=CONTEXT)
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private.")

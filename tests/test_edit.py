@@ -286,3 +286,75 @@ def test_compress_is_a_decompose_method_with_its_schema():
     res, lr = m.fn(w, rank=4, rng=host_rng(0, "x"), scale=2.0, **parse_params(m, ["bits=4"]))
     assert res.shape == w.shape and lr.A.shape == (4, 32) and lr.B.shape == (48, 4)
     assert np.linalg.norm(w - res - lr.delta()) < np.linalg.norm(w - res)
+
+
+# --- surgery probe (extra calib: transformers) -----------------------------------------------
+
+
+def _labelled(path, n=32, vocab=64, seed=0):
+    # Two classes with disjoint token ranges: their mean-pooled states are linearly separable.
+    import random
+
+    rnd = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            lo, hi = (3, vocab // 2) if i % 2 == 0 else (vocab // 2, vocab)
+            ids = [rnd.randrange(lo, hi) for _ in range(rnd.randint(4, 9))]
+            f.write(json.dumps({"input_ids": ids, "label": i % 2 == 1}) + "\n")
+    return path
+
+
+def test_probe_features_are_the_final_normed_hidden_state(tmp_path, tiny_ckpt):
+    transformers = pytest.importorskip("transformers")
+    from surgery.calibrate import build_model, read_calib
+    from surgery.probe import probe_features
+
+    src = tiny_ckpt(layers=2, seed=7)
+    recs = read_calib(_labelled(tmp_path / "d.jsonl", n=5))
+    model, _ = build_model(Checkpoint.open(src))
+    got = probe_features(model, recs, batch_size=2)  # padded batches
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    for i, s in enumerate(recs):
+        with torch.no_grad():
+            hs = ref(torch.tensor([s.ids]), output_hidden_states=True).hidden_states
+        # HF hidden_states[-1] is the last layer's output after the final norm (§5.1).
+        torch.testing.assert_close(got[i], hs[-1][0].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_probe_cli_trains_a_probe_that_edit_accepts(tmp_path, tiny_ckpt):
+    pytest.importorskip("transformers")
+    src = str(tiny_ckpt(layers=2, seed=8))
+    data = _labelled(tmp_path / "d.jsonl")
+    pfile = tmp_path / "probe.safetensors"
+    r = CliRunner().invoke(
+        cli, ["probe", src, "--data", str(data), "-o", str(pfile), "--lr", "1e-2", "--epochs", "30"]
+    )
+    assert r.exit_code == 0, r.output
+    from surgery.probe import probe_accuracy
+
+    assert probe_accuracy(pfile) >= 0.75  # separable classes: the probe learned something
+    out = edit(src, probe=pfile, params={"rows": 5}, out=tmp_path / "o")
+    s = json.loads((out / "surgery.json").read_text())["summary"]
+    assert s["probe"]["shape"] == [2, 32] and s["probe"]["row"] == 1 and len(s["edited"]) == 5
+
+
+def test_probe_label_errors(tmp_path, tiny_ckpt):
+    from surgery.probe import train_probe
+
+    src = str(tiny_ckpt())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input_ids": [3, 4], "label": 1}\n{"input_ids": [5]}\n\n'
+                   '{"input_ids": [6], "label": "toxic"}\n')  # fmt: skip
+    with pytest.raises(SurgeryError) as e:
+        train_probe(src, bad, out=tmp_path / "p.safetensors")
+    assert str(e.value) == (
+        f"{bad}: 2 line(s) without a usable label:\n"
+        "  bad.jsonl:2: 'label' must be a class index 0, 1, … (got None)\n"
+        "  bad.jsonl:4: 'label' must be a class index 0, 1, … (got 'toxic')"
+    )
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"input_ids": [3, 4], "label": 1}\n{"input_ids": [5], "label": 1}\n')
+    with pytest.raises(SurgeryError, match="every sample has label 1; a probe needs two classes"):
+        train_probe(src, one, out=tmp_path / "p.safetensors")
+    with pytest.raises(SurgeryError, match="the probe is written as a .safetensors file"):
+        train_probe(src, one, out=tmp_path / "p.pt")
