@@ -151,7 +151,9 @@ def base_models(manifest: dict[str, Any], out_dir: Path | None = None) -> list[s
     inputs = [i for i in manifest.get("inputs") or [] if isinstance(i, dict)]
     by_role: dict[str, list[dict[str, Any]]] = {}
     for item in inputs:
-        by_role.setdefault(str(item.get("role") or "model"), []).append(item)
+        # Roles may be numbered ("model0", "model1"): group them by their stem.
+        role = re.sub(r"\d+$", "", str(item.get("role") or "model"))
+        by_role.setdefault(role, []).append(item)
 
     def ids(roles: tuple[str, ...]) -> list[str]:
         return [x for r in roles for item in by_role.get(r, []) if (x := _input_id(item))]

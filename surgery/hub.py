@@ -26,6 +26,7 @@ from .errors import SurgeryError
 __all__ = [
     "ALLOW_PATTERNS",
     "RemoteHeaders",
+    "check_push",
     "commit_text",
     "download",
     "endpoint",
@@ -439,6 +440,38 @@ def _token_in_files(folder: Path, token: str) -> list[str]:
     return found
 
 
+def _push_problems(
+    repo_id: str, token: str | None, *, revision: str | None = None, create_pr: bool = False
+) -> list[str]:
+    """Everything wrong with a push that can be known without the network."""
+    problems = []
+    if not HUB_ID.match(repo_id) and not HUB_ID.match(f"user/{repo_id}") or "@" in repo_id:
+        problems.append(
+            f"{repo_id!r} is not a Hub repo id; expected org/name (use --revision for a branch)"
+        )
+    if create_pr and revision:
+        problems.append(
+            "--create-pr opens a pull request against the default branch; drop "
+            "--revision, or push to the branch without --create-pr"
+        )
+    if is_offline():
+        problems.append("HF_HUB_OFFLINE=1 is set and pushing needs the network; unset it")
+    if not (token or _saved_token()):
+        problems.append(f"no Hugging Face token found: {LOGIN_HINT}")
+    return problems
+
+
+def check_push(repo_id: str, *, token: str | None = None) -> None:
+    """Fail fast, before a long run, when a later ``--push`` could not work (no network used).
+
+    Raises:
+        SurgeryError: a malformed repo id, offline mode, or no token.
+    """
+    problems = _push_problems(repo_id, token)
+    if problems:
+        raise SurgeryError(f"--push {repo_id} cannot work:\n  - " + "\n  - ".join(problems))
+
+
 def push(
     folder: str | os.PathLike[str],
     repo_id: str,
@@ -474,26 +507,13 @@ def push(
     from huggingface_hub import HfApi
 
     path = Path(folder)
-    problems: list[str] = []
+    problems = _push_problems(repo_id, token, revision=revision, create_pr=create_pr)
     if not path.is_dir():
-        problems.append(f"{path}: no such folder")
+        problems.insert(0, f"{path}: no such folder")
     elif not any(p.is_file() for p in path.rglob("*")):
-        problems.append(f"{path}: the folder is empty")
-    if not HUB_ID.match(repo_id) and not HUB_ID.match(f"user/{repo_id}") or "@" in repo_id:
-        problems.append(
-            f"{repo_id!r} is not a Hub repo id; expected org/name (use --revision for a branch)"
-        )
-    if create_pr and revision:
-        problems.append(
-            "--create-pr opens a pull request against the default branch; drop "
-            "--revision, or push to the branch without --create-pr"
-        )
-    if is_offline():
-        problems.append("HF_HUB_OFFLINE=1 is set and pushing needs the network; unset it")
+        problems.insert(0, f"{path}: the folder is empty")
     tok = token or _saved_token()
-    if not tok:
-        problems.append(f"no Hugging Face token found: {LOGIN_HINT}")
-    elif path.is_dir():
+    if tok and path.is_dir():
         leaked = _token_in_files(path, tok)
         if leaked:
             problems.append(
@@ -533,18 +553,23 @@ def push(
             create_pr=create_pr,
             ignore_patterns=[".cache/**", "**/.cache/**", ".git/**"],
         )
-    except ValueError as e:
+    except Exception as e:  # noqa: BLE001 - mapped to SurgeryError or re-raised as a bug
         from huggingface_hub import errors as hf
 
-        if isinstance(e, (hf.HFValidationError, hf.HfHubHTTPError)):
-            raise _hub_error(e, f"cannot push to {ref}", ref, tok) from None
-        # upload_folder validates README.md's metadata with the Hub before uploading anything.
+        if isinstance(e, ValueError) and not isinstance(
+            e, (hf.HFValidationError, hf.HfHubHTTPError)
+        ):
+            # upload_folder validates README.md's metadata with the Hub before uploading.
+            err = SurgeryError(
+                f"cannot push {path} to {ref}: the model card README.md was rejected by "
+                f"the Hub: {' '.join(_scrub(str(e), tok).split())}; fix its front matter"
+            )
+        else:
+            err = _hub_error(e, f"cannot push {path} to {ref}", ref, tok)
+        # A commit is atomic: nothing of this folder is on the Hub yet, so a retry is safe.
         raise SurgeryError(
-            f"cannot push to {ref}: the model card README.md was rejected by "
-            f"the Hub: {' '.join(_scrub(str(e), tok).split())}; fix its front matter"
+            f"{err} (nothing was uploaded; retry with: surgery push {path} {repo_id})"
         ) from None
-    except Exception as e:  # noqa: BLE001 - mapped to SurgeryError or re-raised as a bug
-        raise _hub_error(e, f"cannot push to {ref}", ref, tok) from None
     url = info.pr_url if create_pr and info.pr_url else info.commit_url
     logger.info("pushed %s", url)
     return str(url)

@@ -380,3 +380,46 @@ def test_read_header_of_downloaded_file_is_valid(hf_env, hub, seeded):
     for f in sorted(local.glob("*.safetensors")):
         meta, infos = read_header(f)
         assert infos and meta.get("format") == "pt"
+
+
+# -- the whole story: pull three Hub models, merge, push ------------------------------------------
+def test_merge_hub_inputs_and_push_end_to_end(hf_env, hub, checkpoints, tmp_path):
+    """`surgery merge org/a org/b --base org/base -m pcb -o out --push alice/merged`."""
+    from huggingface_hub import ModelCard
+
+    base = checkpoints[0]
+    oids = {
+        "org/base": hub.add_repo("org/base", base),
+        "org/a": hub.add_repo("org/a", demo.finetune(base, tmp_path / "a", seed=1)),
+        "org/b": hub.add_repo("org/b", demo.finetune(base, tmp_path / "b", seed=2)),
+    }
+    out = tmp_path / "out"
+    args = ["merge", "org/a", "org/b", "--base", "org/base", "-m", "pcb", "-o", str(out), "-q"]
+    # Without a token the run refuses before computing anything.
+    r = run_cli([*args, "--push", "alice/merged"], hf_env, tmp_path)
+    assert r.returncode == 1 and "--push alice/merged cannot work" in r.stderr
+    assert "hf auth login" in r.stderr and not out.exists()
+
+    r = run_cli([*args, "--push", "alice/merged"], {**hf_env, "HF_TOKEN": TOKEN}, tmp_path)
+    assert r.returncode == 0, r.stderr
+    commit = hub.commit("alice/merged")
+    assert r.stdout.strip().splitlines()[-1] == f"{hub.url}/alice/merged/commit/{commit.oid}"
+    files = dict(commit.files)
+    files.pop(".gitattributes")
+    assert files == folder_files(out)  # weights, config, card, manifest: all of it, one commit
+    assert "model.safetensors" in files and "config.json" in files
+    assert commit.summary.startswith("surgery merge") and "pcb" in commit.summary
+    # The card draws the model tree: all three Hub ids, relation merge.
+    data = ModelCard(files["README.md"].decode()).data
+    assert data.base_model == ["org/a", "org/b", "org/base"]
+    assert data.base_model_relation == "merge" and data.library_name == "transformers"
+    assert {"surgery", "pcb"} <= set(data.tags)
+    # The manifest records the resolved commits of the inputs.
+    man = json.loads(files["surgery.json"])
+    assert {i["hub_id"]: i["revision"] for i in man["inputs"]} == oids
+    # Nothing secret, nowhere.
+    assert TOKEN not in r.stdout + r.stderr
+    for name, blob in files.items():
+        assert TOKEN.encode() not in blob, name
+    assert str(tmp_path) not in files["README.md"].decode()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
