@@ -75,6 +75,11 @@ def run_verb(fn, *args: Any, quiet: bool = False, **kwargs: Any) -> None:
             bar.__enter__()
         bar.update(1, name)
 
+    repo = kwargs.pop("push", None)
+    if repo and not kwargs.get("dry_run"):
+        from surgery.hub import check_push
+
+        check_push(repo)  # no token / offline: fail before the compute, not after it
     try:
         result = fn(*args, progress=progress, **kwargs)
     finally:
@@ -84,6 +89,10 @@ def run_verb(fn, *args: Any, quiet: bool = False, **kwargs: Any) -> None:
         click.echo(result.render())
     else:
         click.echo(f"wrote {result}")
+        if repo:  # pushed here rather than in the loop, so that the commit URL is printed
+            from surgery.hub import push
+
+            click.echo(push(result, repo))
 
 
 class SurgeryGroup(click.Group):
