@@ -300,6 +300,8 @@ def _body(manifest: dict[str, Any], rel: str, bases: list[str], title: str, adap
         "finetune": "a model derived from the base below",
         "quantized": "a compressed (quantized) version of the base below",
     }[rel]
+    if rel in ("finetune", "quantized") and adapter_sub:
+        what += ", with the low-rank part as a PEFT adapter in `adapter/`"
     lines = [f"# {title}", "", f"This is {what}, made with `surgery {verb}` using {method_md}."]
     lines += ["", "## Inputs", ""]
     inputs = [i for i in manifest.get("inputs") or [] if isinstance(i, dict)]

@@ -526,11 +526,18 @@ def push(
     manifest_path = path / "surgery.json"
     if manifest_path.is_file():
         try:
-            summary, description = commit_text(json.loads(manifest_path.read_text()))
+            manifest = json.loads(manifest_path.read_text())
+            summary, description = commit_text(manifest)
         except (ValueError, TypeError, AttributeError):
             logger.warning(
                 "%s is not a valid manifest; using a generic commit message", manifest_path
             )
+        else:
+            if not (path / "README.md").exists():
+                # A folder from an older run (or hand-made): give the Hub its model card.
+                from .card import write_card
+
+                write_card(path, manifest)
     summary = commit_message or summary or f"Upload {path.name} with surgery"
 
     api = HfApi(endpoint=endpoint(), token=tok, library_name="surgery")

@@ -157,9 +157,14 @@ def test_pull_errors_are_one_clear_message(hf_env, hub, seeded, monkeypatch):
             Checkpoint.open(src)
         for needle in needles:
             assert needle in str(e.value), (src, str(e.value))
-    # With the owner's token the private repo opens.
+    # With the owner's token the private repo opens; the gated one only once its terms are
+    # accepted.
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     assert Checkpoint.open("alice/private").revision == hub.commit("alice/private").oid
+    with pytest.raises(SurgeryError, match="gated repo"):
+        Checkpoint.open("org/gated")
+    hub.repos["org/gated"].allowed_users.add("alice")
+    assert Checkpoint.open("org/gated").revision == hub.commit("org/gated").oid
     # A bad token is refused everywhere, with the way to log in.
     monkeypatch.setenv("HF_TOKEN", BAD)
     with pytest.raises(SurgeryError, match="authentication failed.*hf auth login") as e:
@@ -235,6 +240,22 @@ def test_remote_headers_match_local_without_downloading_weights(hf_env, hub, see
     assert not list(Path(hf_env["HF_HUB_CACHE"]).rglob("*.safetensors"))
 
 
+def test_remote_headers_errors(hf_env, hub, seeded):
+    files = folder_files(seeded["v2_dir"])
+    index = json.loads(files["model.safetensors.index.json"])
+    files.pop(sorted(set(index["weight_map"].values()))[-1])  # a shard the index names is gone
+    hub.add_repo("org/broken", files)
+    hub.add_repo("org/pickles", {"pytorch_model.bin": b"x", "config.json": b"{}"})
+    for src, rev, needle in (
+        ("org/broken", None, "a file is missing from org/broken"),
+        ("org/pickles", None, "has no .safetensors files"),
+        ("org/missing", None, "org/missing not found"),
+        ("org/base", "nope", "revision 'nope' not found"),
+    ):
+        with pytest.raises(SurgeryError, match=needle):
+            remote_headers(src, rev)
+
+
 # -- push ----------------------------------------------------------------------------------------
 def test_push_cli_creates_repo_and_uploads_in_one_commit(hf_env, hub, seeded, tmp_path):
     out = made_output(tmp_path, seeded["v1_dir"])
@@ -258,6 +279,14 @@ def test_push_cli_creates_repo_and_uploads_in_one_commit(hf_env, hub, seeded, tm
     assert r2.returncode == 0, r2.stderr
     assert hub.commit("alice/merged").summary == "again"
     assert hub.commit("alice/merged").parent == commit.oid
+
+
+def test_push_writes_a_missing_card_from_the_manifest(hf_env, hub, seeded, tmp_path):
+    out = made_output(tmp_path, seeded["v1_dir"])
+    (out / "README.md").unlink()
+    push(out, "alice/m", token=TOKEN)
+    card = hub.files("alice/m")["README.md"].decode()
+    assert "base_model:\n- org/a\n- org/base\n" in card and "base_model_relation: merge" in card
 
 
 def test_push_private_org_and_saved_login(hf_env, hub, seeded, tmp_path):
