@@ -24,7 +24,7 @@ nbformat = pytest.importorskip("nbformat")
 
 def test_the_notebooks_exist():
     names = [p.stem for p in NOTEBOOKS]
-    for prefix in ("02_",):
+    for prefix in ("02_", "03_"):
         assert any(n.startswith(prefix) for n in names), f"missing notebook {prefix}*: {names}"
 
 
@@ -42,9 +42,18 @@ def test_stored_without_outputs(path):
 
 
 # The public API is surgery.api, surgery.demo (to build inputs), surgery.plot, surgery.errors, and
-# the ops kernels (03 calls ops.merge on one tensor to draw masks); no private names.
+# the ops kernels (03 calls ops.merge and ops.sparsify on one tensor to draw masks); no private
+# names.
 _IMPORT = re.compile(r"^\s*(?:from|import)\s+([\w.]+)(?:\s+import\s+(.+))?", re.M)
-_PUBLIC = ("surgery", "surgery.api", "surgery.demo", "surgery.plot", "surgery.errors", "ops.merge")
+_PUBLIC = (
+    "surgery",
+    "surgery.api",
+    "surgery.demo",
+    "surgery.plot",
+    "surgery.errors",
+    "ops.merge",
+    "ops.sparsify",
+)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
