@@ -73,6 +73,10 @@ def _build() -> list[Method]:
 # (module, function, name, kind, reference) — add one line per method.
 _ENTRIES: list[tuple[str, str, str, str, str]] = [
     ("ops.compress", "compress", "compress", "decompose", "https://arxiv.org/abs/2307.07705"),
+    ("ops.decompose", "pissa", "pissa", "decompose", "https://arxiv.org/abs/2404.02948"),
+    ("ops.decompose", "corda", "corda", "decompose", "https://arxiv.org/abs/2406.05223"),
+    ("ops.decompose", "kasa", "kasa", "decompose", "https://arxiv.org/abs/2412.06071"),
+    ("ops.decompose", "svd_extract", "svd_extract", "decompose", "https://arxiv.org/abs/0909.4061"),
     ("ops.edit", "probe_edit", "probe", "edit", "https://arxiv.org/abs/2407.08770"),
     ("ops.edit", "project_out", "project_out", "edit", "https://arxiv.org/abs/2004.07667"),
     ("ops.merge", "task_arithmetic", "task_arithmetic", "merge", "https://arxiv.org/abs/2212.04089"),
