@@ -135,7 +135,9 @@ def plot_spectra(
         SurgeryError: matplotlib missing, no spectra, a row without ``sigma``, or a bad ``energy``.
     """
     if "spectra" in spectra and isinstance(spectra.get("spectra"), Mapping):
-        title = title or str(spectra.get("source", "")) or None
+        src = str(spectra.get("source") or "")
+        # A local folder is named by its last component; a Hub id stays "org/name".
+        title = title or (Path(src).name if src and Path(src).exists() else src) or None
         spectra = spectra["spectra"]
     if not (0.0 < energy <= 1.0):
         raise SurgeryError(f"plot_spectra: energy must be in (0, 1], got {energy}")
