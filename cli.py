@@ -202,6 +202,50 @@ def push(folder, repo_id, private, revision, create_pr, commit_message, token) -
     click.echo(hub_push(folder, repo_id, token=token, commit_message=commit_message, **opts))
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("base")
+@click.argument("adapter")
+@writing_options
+def apply(base, adapter, quiet, **common):
+    """Fold a PEFT adapter ADAPTER into BASE (fp32) and write the merged model."""
+    from surgery.lifecycle import apply as api_fn
+
+    run_verb(api_fn, base, adapter, quiet=quiet, **common)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("adapter")
+@click.option("--to", "to", required=True, help="The new (evolved) base.")
+@click.option("--from", "from_", default=None, help="The old base: drift report; required "
+              "when ADAPTER is a full fine-tuned checkpoint.")  # fmt: skip
+@click.option("--merge", "merge_", is_flag=True, help="Write NEW + ΔW instead of an adapter.")
+@click.option("-r", "--rank", type=int, default=None, help="Full fine-tune input: patch rank.")
+@click.option("--energy", type=float, default=None, help="Full fine-tune input: energy kept.")
+@writing_options
+def port(adapter, to, from_, merge_, rank, energy, quiet, **common):
+    """Port a LoRA ADAPTER (or a full fine-tune) to an evolved base (PortLLM, training-free)."""
+    from surgery.lifecycle import drift_table
+    from surgery.lifecycle import port as api_fn
+
+    run_verb(api_fn, adapter, to=to, from_=from_, merge=merge_, rank=rank, energy=energy,
+             quiet=quiet, **common)  # fmt: skip
+    if from_ and not common.get("dry_run"):
+        click.echo(drift_table(common["out"]))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("adapter")
+@click.option("--init", default=None, help="The initial adapter of a PiSSA/CorDA/OLoRA run.")
+@click.option("--base", default=None, help="KaSA: the original base (folds the truncation).")
+@click.option("--pad-rank", is_flag=True, help="Zero-pad ranks to the next vLLM rank.")
+@writing_options
+def convert(adapter, init, base, pad_rank, quiet, **common):
+    """Convert ADAPTER (PiSSA/CorDA with --init, KaSA, AdaLoRA) to a plain servable LoRA."""
+    from surgery.lifecycle import convert as api_fn
+
+    run_verb(api_fn, adapter, init=init, base=base, pad_rank=pad_rank, quiet=quiet, **common)
+
+
 def main() -> None:
     """Console entry point (``surgery``)."""
     cli(prog_name="surgery")

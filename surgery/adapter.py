@@ -477,8 +477,18 @@ class Adapter:
         return adapter
 
     # -- writing --------------------------------------------------------------------------------
-    def build_config(self, base: Checkpoint | None = None) -> dict[str, Any]:
-        """Compute the ``adapter_config.json`` this adapter is written with (see the module doc)."""
+    def build_config(
+        self, base: Checkpoint | None = None, *, leaf_targets: bool = False
+    ) -> dict[str, Any]:
+        """Compute the ``adapter_config.json`` this adapter is written with (see the module doc).
+
+        Args:
+            base: the base checkpoint (shape checks, task type, Hub id, exact targets).
+            leaf_targets: always write ``target_modules`` as the sorted leaf names (the serving
+                profile; SGLang indexes the list). Base modules with those names that the adapter
+                lacks are then wrapped by PEFT with a zero update (``B = 0``) and a missing-keys
+                warning: the same function, but not an exact target set.
+        """
         problems: list[str] = []
         if self.E or self.peft_type == "ADALORA":
             raise SurgeryError(
@@ -540,7 +550,9 @@ class Adapter:
                 name,
             )
             cfg["base_model_name_or_path"], cfg["revision"] = None, None
-        if self.config.get("target_modules") is None or not _targets_exactly(
+        if leaf_targets:
+            cfg["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in self.modules})
+        elif self.config.get("target_modules") is None or not _targets_exactly(
             cfg, self.modules, _base_modules(base)
         ):
             cfg["target_modules"] = _target_modules(self.modules, _base_modules(base))
@@ -576,7 +588,13 @@ class Adapter:
             )
         return {k: out[k].contiguous() for k in sorted(out)}
 
-    def save(self, out: str | os.PathLike[str], base: Checkpoint | None = None) -> Path:
+    def save(
+        self,
+        out: str | os.PathLike[str],
+        base: Checkpoint | None = None,
+        *,
+        leaf_targets: bool = False,
+    ) -> Path:
         """Validate and write ``adapter_model.safetensors`` + ``adapter_config.json`` to ``out``.
 
         The bytes are deterministic: float32 factors, sorted keys, metadata ``{"format": "pt"}``,
@@ -592,7 +610,7 @@ class Adapter:
         for m, lr in self.modules.items():
             problems += _check_module(self, m, lr)
         _raise(problems, "adapter")
-        cfg = self.build_config(base)
+        cfg = self.build_config(base, leaf_targets=leaf_targets)
         tensors = self.tensors()
         shapes = {k: tuple(t.shape) for k, t in tensors.items()}
         problems = _validate_keys(cfg, shapes)

@@ -331,6 +331,19 @@ def merge(
         SurgeryError: bad arguments, unknown method or parameter, mismatched inputs (all listed).
     """
     models = list(models or [])
+    # Adapter inputs (PEFT folders of one base): a delta-space merge re-factored to rank -r.
+    from .lifecycle import is_adapter, merge_adapters
+
+    rank = options.pop("rank", None)
+    n_adapters = sum(is_adapter(x) for x in models)
+    if models and n_adapters == len(models):
+        return merge_adapters(models, method=method, base=base, weights=weights, params=params,
+                              rank=rank, **options)  # fmt: skip
+    if n_adapters or rank is not None:
+        raise SurgeryError(
+            "mix of adapters and full models (or -r with full models): merge "
+            "either PEFT adapters of one base, or full fine-tunes with --base"
+        )
     if config is not None:
         if models or method:
             raise SurgeryError(
