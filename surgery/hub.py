@@ -129,10 +129,10 @@ def _hub_error(e: BaseException, what: str, ref: str, token: str | None = None) 
                 f"{what}: authentication failed on {url} (the token was rejected); {LOGIN_HINT}"
             )
         if status == 403:
+            need = "write" if what.startswith("cannot push") else "read"
             return SurgeryError(
-                f"{what}: the token may not write to {ref.split('@')[0]} "
-                f"({server}); use a token with write access to that namespace "
-                "(https://huggingface.co/settings/tokens)"
+                f"{what}: the token may not {need} {ref.split('@')[0]} ({server}); use a token "
+                f"with {need} access to that namespace (https://huggingface.co/settings/tokens)"
             )
         return SurgeryError(f"{what}: the Hub answered HTTP {status} for {ref}: {server}")
     if isinstance(e, hf.HFValidationError):
@@ -423,6 +423,16 @@ def commit_text(manifest: dict[str, Any]) -> tuple[str, str]:
     return summary, "\n".join(lines)
 
 
+def _folder_files(folder: Path) -> list[str]:
+    """Files to upload, as POSIX paths relative to ``folder``; hidden files/folders stay local."""
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            out.append(rel.as_posix())
+    return out
+
+
 def _saved_token() -> str | None:
     from huggingface_hub import get_token
 
@@ -440,19 +450,12 @@ def _token_in_files(folder: Path, token: str) -> list[str]:
     return found
 
 
-def _push_problems(
-    repo_id: str, token: str | None, *, revision: str | None = None, create_pr: bool = False
-) -> list[str]:
+def _push_problems(repo_id: str, token: str | None) -> list[str]:
     """Everything wrong with a push that can be known without the network."""
     problems = []
     if not HUB_ID.match(repo_id) and not HUB_ID.match(f"user/{repo_id}") or "@" in repo_id:
         problems.append(
             f"{repo_id!r} is not a Hub repo id; expected org/name (use --revision for a branch)"
-        )
-    if create_pr and revision:
-        problems.append(
-            "--create-pr opens a pull request against the default branch; drop "
-            "--revision, or push to the branch without --create-pr"
         )
     if is_offline():
         problems.append("HF_HUB_OFFLINE=1 is set and pushing needs the network; unset it")
@@ -494,7 +497,8 @@ def push(
         token: a Hub token; default ``HF_TOKEN``, then the saved login. Never printed or written.
         private: create the repo private (an existing repo keeps its visibility).
         revision: branch to commit to (created from the default branch when missing).
-        create_pr: open a pull request against the default branch instead of committing to it.
+        create_pr: open a pull request (against ``revision``, default the main branch) instead of
+            committing to the branch.
         commit_message: the commit summary; default from ``surgery.json``.
 
     Returns:
@@ -504,14 +508,14 @@ def push(
         SurgeryError: a missing/empty folder, offline mode, no token or a rejected one, no write
             access, invalid card metadata, or no network; checked before any upload.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     path = Path(folder)
-    problems = _push_problems(repo_id, token, revision=revision, create_pr=create_pr)
+    problems = _push_problems(repo_id, token)
     if not path.is_dir():
         problems.insert(0, f"{path}: no such folder")
-    elif not any(p.is_file() for p in path.rglob("*")):
-        problems.insert(0, f"{path}: the folder is empty")
+    elif not _folder_files(path):
+        problems.insert(0, f"{path}: the folder has no files to upload")
     tok = token or _saved_token()
     if tok and path.is_dir():
         leaked = _token_in_files(path, tok)
@@ -551,14 +555,18 @@ def push(
         api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(
+        # create_commit, not upload_folder: upload_folder may split a folder into several
+        # commits; one commit keeps a push atomic (all of the folder or nothing).
+        info = api.create_commit(
             repo_id=repo_id,
-            folder_path=path,
+            operations=[
+                CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path / rel))
+                for rel in _folder_files(path)
+            ],
             commit_message=summary,
             commit_description=description or None,
             revision=revision,
             create_pr=create_pr,
-            ignore_patterns=[".cache/**", "**/.cache/**", ".git/**"],
         )
     except Exception as e:  # noqa: BLE001 - mapped to SurgeryError or re-raised as a bug
         from huggingface_hub import errors as hf

@@ -17,6 +17,8 @@ snapshot. Endpoints (the ones ``huggingface_hub`` 2.x calls, checked against the
 ``POST /api/models/{repo}/preupload/{rev}``         every file ``regular`` (inline upload)
 ``POST /api/models/{repo}/commit/{rev}``            NDJSON commit, ``?create_pr=1`` opens a PR
 ``POST /api/models/{repo}/branch/{branch}``         create a branch (409 when it exists)
+``POST /api/models/{repo}/discussions``             open a pull request (``refs/pr/N``)
+``GET  /api/models/{repo}/discussions/{num}``       pull request details
 ``HEAD|GET /{repo}/resolve/{rev}/{path}``           file download: ETag, X-Repo-Commit, Range
 ==================================================  ============================================
 
@@ -429,6 +431,36 @@ class _Handler(BaseHTTPRequestHandler):
                 paths = json.loads(body).get("paths", [])
             entries = [e for e in _tree(commit.files, "", True) if e["path"] in paths]
             return self._send(200, entries)
+        if rest == "discussions" and method == "POST":
+            # huggingface_hub's pipelined upload opens the PR first, then commits to refs/pr/N.
+            repo = self._repo(repo_id, user)
+            if user is None:
+                raise _Reply(401, "You must be authenticated to open a discussion")
+            payload = json.loads(body or b"{}")
+            num = len(repo.prs) + 1
+            pr = payload.get("pullRequest", False)
+            repo.prs.append({"num": num, "title": payload.get("title", ""), "target": "main",
+                             "author": user, "pull_request": pr})  # fmt: skip
+            if pr:
+                repo.branches[f"refs/pr/{num}"] = repo.branches["main"]
+            return self._send(200, {"num": num, "pullRequest": pr,
+                                    "url": f"{hub.url}/{repo_id}/discussions/{num}"})  # fmt: skip
+        m = re.fullmatch(r"discussions/(\d+)", rest)
+        if m and method == "GET":
+            repo = self._repo(repo_id, user)
+            num = int(m.group(1))
+            if not 0 < num <= len(repo.prs):
+                raise _Reply(404, f"Discussion {num} not found")
+            d = repo.prs[num - 1]
+            return self._send(200, {
+                "num": num, "title": d["title"], "status": "open",
+                "author": {"name": d.get("author", "deleted")},
+                "createdAt": "2026-01-01T00:00:00.000Z",
+                "repo": {"name": repo_id, "type": "model"},
+                "isPullRequest": d.get("pull_request", True), "events": [],
+                "changes": {"base": f"refs/heads/{d['target']}"}, "filesWithConflicts": [],
+                "diff": "",
+            })  # fmt: skip
         if rest.startswith("branch/") and method == "POST":
             repo = self._repo(repo_id, user, write=True)
             branch = unquote(rest[len("branch/") :])
@@ -486,7 +518,7 @@ class _Handler(BaseHTTPRequestHandler):
         if query.get("create_pr", ["0"])[0] in ("1", "true"):
             num = len(repo.prs) + 1
             branch = f"refs/pr/{num}"
-            repo.prs.append({"num": num, "title": summary, "target": rev})
+            repo.prs.append({"num": num, "title": summary, "target": rev, "pull_request": True})
             reply["pullRequestUrl"] = f"{hub.url}/{repo.repo_id}/discussions/{num}"
         else:
             branch = rev if rev in repo.branches else None

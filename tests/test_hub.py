@@ -47,7 +47,6 @@ def hf_env(hub, tmp_path, monkeypatch):
         "HF_ENDPOINT": hub.url,
         "HF_HOME": str(tmp_path / "hf_home"),
         "HF_HUB_CACHE": str(tmp_path / "hf_home" / "hub"),
-        "HF_HUB_DISABLE_XET": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
@@ -320,8 +319,12 @@ def test_push_create_pr(hf_env, hub, seeded, tmp_path):
     assert "model.safetensors" in hub.files("alice/m", "refs/pr/1")
     assert hub.files("alice/m", "main").keys() == {".gitattributes"}
     assert hub.repos["alice/m"].prs[0]["title"].startswith("surgery merge")
-    with pytest.raises(SurgeryError, match="--create-pr opens a pull request.*drop --revision"):
-        push(out, "alice/m", token=TOKEN, create_pr=True, revision="dev")
+    # A pull request against another branch (created from main when missing).
+    url = push(out, "alice/m", token=TOKEN, create_pr=True, revision="dev")
+    assert url == f"{hub.url}/alice/m/discussions/2"
+    assert hub.repos["alice/m"].prs[1]["target"] == "dev"
+    assert "model.safetensors" in hub.files("alice/m", "refs/pr/2")
+    assert hub.files("alice/m", "dev").keys() == {".gitattributes"}
 
 
 def test_push_auth_failures_say_how_to_log_in(hf_env, hub, seeded, tmp_path):
@@ -342,7 +345,7 @@ def test_push_auth_failures_say_how_to_log_in(hf_env, hub, seeded, tmp_path):
         assert "authentication failed" in r.stderr and "hf auth login" in r.stderr
         assert BAD not in r.stdout + r.stderr
     # No write access to someone else's namespace.
-    with pytest.raises(SurgeryError, match="may not write to bob/m.*write access"):
+    with pytest.raises(SurgeryError, match="may not write bob/m.*write access"):
         push(out, "bob/m", token=TOKEN)
     assert set(hub.repos) == {"org/base"}  # nothing was created
 
