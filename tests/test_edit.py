@@ -358,3 +358,76 @@ def test_probe_label_errors(tmp_path, tiny_ckpt):
         train_probe(src, one, out=tmp_path / "p.safetensors")
     with pytest.raises(SurgeryError, match="the probe is written as a .safetensors file"):
         train_probe(src, one, out=tmp_path / "p.pt")
+
+
+# --- compress through `surgery decompose` (the decompose verb is another module's; §7, §8) -----
+
+
+def _merged_peft(out):
+    """Load OUT (residual model) + OUT/adapter with real PEFT and merge: {name: (out, in) f64}."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(model, str(out), subfolder="adapter")
+    merged = pm.merge_and_unload().state_dict()
+    return {k: v.double().numpy() for k, v in merged.items()}
+
+
+def _tail(x, r):
+    s = np.linalg.svd(x, compute_uv=False)
+    return float(np.sqrt((s[r:] ** 2).sum()))
+
+
+def test_decompose_compress_int4_recovers_the_svd_tail_through_peft(tmp_path, tiny_ckpt):
+    from ops.quant import fake_quantize
+
+    src = tiny_ckpt(layers=2, seed=9)
+    out = tmp_path / "q"
+    r = CliRunner().invoke(
+        cli, ["decompose", str(src), "-m", "compress", "-p", "bits=4", "-p", "group_size=16",
+              "-p", "niter=0", "-r", "4", "-o", str(out), "-q"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    a, res = Checkpoint.open(src), Checkpoint.open(out)
+    merged = _merged_peft(out)
+    man = json.loads((out / "surgery.json").read_text())
+    assert man["method"] == "compress" and man["params"]["bits"] == 4
+    reports = {t["name"]: t for t in man["tensors"]}
+    for n in a.names():
+        if not n.endswith("proj.weight"):
+            assert res.raw(n).view(torch.uint8).equal(a.raw(n).view(torch.uint8))
+            continue
+        w = a.get(n).double().numpy()
+        q = fake_quantize(a.get(n).float().numpy(), bits=4, group_size=16).astype(np.float64)
+        np.testing.assert_array_equal(res.get(n).double().numpy(), q)  # residual = Q(W)
+        # Q(W) + adapter leaves exactly the rank-4 SVD tail of W − Q(W) (Eckart–Young).
+        err = np.linalg.norm(w - merged[n])
+        np.testing.assert_allclose(err, _tail(w - q, 4), rtol=1e-4)
+        assert err < np.linalg.norm(w - q)
+        np.testing.assert_allclose(reports[n]["rel_error"], err / np.linalg.norm(w), rtol=1e-4)
+
+
+def test_decompose_compress_pela_holds_the_weight_in_the_adapter(tmp_path, tiny_ckpt):
+    from ops.compress import pela_rank
+
+    src = tiny_ckpt(layers=1, seed=10)
+    out = tmp_path / "p"
+    from surgery.decompose import decompose
+
+    decompose(str(src), method="compress", rank=4, params={"lowrank": "pela", "ratio": 2.0,
+              "niter": 0}, out=out)  # fmt: skip
+    a, res = Checkpoint.open(src), Checkpoint.open(out)
+    merged = _merged_peft(out)
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    for n in a.names():
+        if not n.endswith("proj.weight"):
+            continue
+        n_out, n_in = a.shape(n)
+        k = pela_rank(n_in, n_out, 2.0)
+        assert not res.get(n).any()  # zero residual: the adapter carries the whole weight
+        mod = n[: -len(".weight")]
+        assert cfg["rank_pattern"].get(mod, cfg["r"]) == k
+        assert k * (n_in + n_out) <= n_in * n_out / 2
+        w = a.get(n).double().numpy()
+        np.testing.assert_allclose(np.linalg.norm(w - merged[n]), _tail(w, k), rtol=1e-4)
