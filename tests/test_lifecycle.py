@@ -117,7 +117,18 @@ def test_apply_gpt2_conv1d_and_bf16(tmp_path, bases):
         assert torch.equal(got.get(n), want)
 
 
+_FLAVOURS: dict = {}
+
+
 def _peft_flavour(tmp_path, base, kind):
+    """A PEFT-saved adapter of ``kind`` (built once per session: PEFT training is the slow part)."""
+    key = (str(base), kind)
+    if key not in _FLAVOURS:
+        _FLAVOURS[key] = _make_peft_flavour(tmp_path, base, kind)
+    return _FLAVOURS[key]
+
+
+def _make_peft_flavour(tmp_path, base, kind):
     if kind == "adalora":
         cfg = peft.AdaLoraConfig(init_r=6, target_r=2, total_step=4, tinit=0, tfinal=1, deltaT=1,
                                  lora_alpha=16, target_modules=["q_proj", "v_proj"],
@@ -500,3 +511,44 @@ def test_cli_apply_and_convert(tmp_path, bases):
     r = CliRunner().invoke(cli, ["apply", str(bases["old"]), str(tmp_path / "pk"), "-o",
                                  str(tmp_path / "x")])  # fmt: skip
     assert r.exit_code == 1 and "pickle" in r.output
+
+
+def test_apply_lora_bias_and_modules_to_save_equal_peft(tmp_path, bases):
+    bert = demo.tiny_bert(tmp_path / "bert")
+    cases = [
+        (bert, transformers.BertModel,
+         peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], lora_bias=True)),
+        (bases["old"], transformers.LlamaForCausalLM,
+         peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                         modules_to_save=["lm_head"])),
+    ]  # fmt: skip
+    for i, (base, cls, cfg) in enumerate(cases):
+        pm = get_peft_model(cls.from_pretrained(str(base)), cfg)
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n or "modules_to_save" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        pm.save_pretrained(str(tmp_path / f"a{i}"))
+        ad = Adapter.load(tmp_path / f"a{i}")
+        assert ad.bias if i == 0 else ad.full  # lora_B.bias / the full lm_head copy were read
+        out = apply(base, tmp_path / f"a{i}", out=tmp_path / f"m{i}")
+        ref = PeftModel.from_pretrained(cls.from_pretrained(str(base)), str(tmp_path / f"a{i}"))
+        ref = ref.merge_and_unload().state_dict()
+        ck = Checkpoint.open(out)
+        changed = [n for n in ck.names() if n in ref and not torch.equal(
+            ck.get(n).float(), Checkpoint.open(base).get(n).float())]  # fmt: skip
+        assert len(changed) >= 2
+        assert_model_equals(out, ref, [n for n in ck.names() if n in ref], atol=2e-6)
+
+
+def test_cli_adapter_merge_with_rank(tmp_path, bases):
+    from cli import cli
+
+    ck = Checkpoint.open(bases["old"])
+    a = [Adapter(modules={Q0: lr(32, 32, 4, 1.0, i)}).save(tmp_path / f"a{i}", base=ck)
+         for i in range(2)]  # fmt: skip
+    r = CliRunner().invoke(cli, ["merge", str(a[0]), str(a[1]), "-m", "task_arithmetic", "-r",
+                                 "2", "-o", str(tmp_path / "m"), "-q"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert Adapter.load(tmp_path / "m").rank(Q0) == 2
