@@ -39,8 +39,9 @@ INSTALL_HINT = "plotting needs matplotlib: pip install 'ckpt-surgery[plot]'"
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 # Row fields that are bookkeeping, not per-module figures worth a map.
 _SKIP_FIELDS = {"seconds", "time", "elapsed", "bytes", "nbytes", "numel", "seed", "shard", "offset"}
-# When several numeric fields exist, these come first (errors and drifts are what the maps are for).
-_PREFERRED = ("err", "error", "drift", "cos", "energy", "rank")
+# When several numeric fields exist, these come first (drifts and errors are what the maps are
+# for; a port manifest has both its drift and, for a full fine-tune input, an extraction error).
+_PREFERRED = ("drift", "err", "cos", "rel_", "energy", "rank")
 _MAX_PANELS = 4
 
 

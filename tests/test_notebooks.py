@@ -24,7 +24,7 @@ nbformat = pytest.importorskip("nbformat")
 
 def test_the_notebooks_exist():
     names = [p.stem for p in NOTEBOOKS]
-    for prefix in ("02_", "03_"):
+    for prefix in ("02_", "03_", "04_"):
         assert any(n.startswith(prefix) for n in names), f"missing notebook {prefix}*: {names}"
 
 
@@ -41,9 +41,9 @@ def test_stored_without_outputs(path):
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
 
 
-# The public API is surgery.api, surgery.demo (to build inputs), surgery.plot, surgery.errors, and
-# the ops kernels (03 calls ops.merge and ops.sparsify on one tensor to draw masks); no private
-# names.
+# The public API: surgery.api (the verbs), surgery.demo (to build inputs), surgery.plot,
+# surgery.errors, surgery.lifecycle's drift_table, and the ops kernels (03 calls ops.merge and
+# ops.sparsify on one tensor to draw masks); never a private name.
 _IMPORT = re.compile(r"^\s*(?:from|import)\s+([\w.]+)(?:\s+import\s+(.+))?", re.M)
 _PUBLIC = (
     "surgery",
@@ -51,6 +51,7 @@ _PUBLIC = (
     "surgery.demo",
     "surgery.plot",
     "surgery.errors",
+    "surgery.lifecycle",  # drift_table (the verbs themselves come through surgery.api)
     "ops.merge",
     "ops.sparsify",
 )
