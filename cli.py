@@ -246,6 +246,163 @@ def convert(adapter, init, base, pad_rank, quiet, **common):
     run_verb(api_fn, adapter, init=init, base=base, pad_rank=pad_rank, quiet=quiet, **common)
 
 
+def calib_options(f):
+    """Calibration options shared by ``surgery calibrate`` and ``decompose --calib``."""
+    opts = [
+        click.option(
+            "--calib",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Calibration JSONL: text, messages, prompt+completion or input_ids lines.",
+        ),
+        click.option(
+            "--calib-samples",
+            "samples",
+            type=int,
+            default=None,
+            help="Use the first N samples (default: all).",
+        ),
+        click.option("--seq-len", type=int, default=None, help="Truncate samples to L tokens."),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=4,
+            show_default=True,
+            help="Samples per forward (pads are masked: same result as 1).",
+        ),
+        click.option("--max-tokens", type=int, default=None, help="Stop after T tokens in all."),
+        click.option(
+            "--cov-norm",
+            type=click.Choice(["max", "none"]),
+            default="max",
+            show_default=True,
+            help="max: per-sample |max| normalisation (official/PEFT); none: per token.",
+        ),
+        click.option(
+            "--cov-dtype", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True
+        ),
+        click.option(
+            "--max-memory",
+            default=None,
+            help="Memory for covariances, e.g. 24GB (default: 80% of free).",
+        ),
+        click.option("--tokenizer", default=None, help="Tokenizer folder (default: SRC)."),
+        click.option("--config", "config", default=None, help="config.json when SRC has none."),
+        click.option("--no-cache", is_flag=True, help="Recompute even if cached stats match."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def calib_progress(quiet: bool):
+    """A progress bar showing samples/s and tokens/s; returns ``(callback, close)``."""
+    state: dict[str, Any] = {"bar": None, "group": 0}
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)
+            state["bar"] = None
+
+    def progress(p) -> None:
+        if quiet:
+            return
+        if state["bar"] is None or p.group != state["group"]:
+            close()
+            label = "calibrate" + (f" {p.group}/{p.groups}" if p.groups > 1 else "")
+            state["bar"] = click.progressbar(
+                length=p.total_samples,
+                label=label,
+                file=sys.stderr,
+                show_pos=True,
+                item_show_func=lambda s: s,
+            )
+            state["bar"].__enter__()
+            state["group"] = p.group
+        bar = state["bar"]
+        rate = f"{p.samples_per_s:.1f} samples/s, {p.tokens_per_s:.0f} tokens/s"
+        bar.update(p.samples - bar.pos, rate)
+
+    return progress, close
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("src")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Stats .safetensors to write (default: a file in the cache).",
+)
+@click.option(
+    "--targets", default=None, help="Modules: all-linear (default), suffixes, or a regex."
+)
+@click.option("--exclude", default=None, help="Modules to skip (same syntax).")
+@click.option("--layers", default=None, help="Layer indices, e.g. 0,2,5-7.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@calib_options
+@click.option("--dry-run", is_flag=True, help="Print the plan and the memory estimate only.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def calibrate(src, out, calib, no_cache, dry_run, quiet, **kw):
+    """Per-module input covariances from a JSONL file, for CorDA (extra: calib)."""
+    from surgery.calibrate import calibrate as api_fn
+    from surgery.calibrate import plan_calibration
+
+    if not calib:
+        raise click.UsageError("--calib FILE.jsonl is required")
+    plan = plan_calibration(src, calib, **kw)
+    if dry_run:
+        click.echo("\n".join(plan.describe()))
+        return
+    progress, close = calib_progress(quiet)
+    try:
+        path = api_fn(
+            src, calib, out=out, plan=plan, progress=progress, cache_dir=False if no_cache else None
+        )
+    finally:
+        close()
+    click.echo(f"wrote {path}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("src")
+@click.option("-m", "--method", required=True, help="pissa, corda, kasa (surgery methods).")
+@click.option("-r", "--rank", type=int, required=True, help="Adapter rank.")
+@click.option("--alpha", type=float, default=None, help="lora_alpha (default: the rank).")
+@click.option("-p", "--param", "params", multiple=True, help="key=value method parameter.")
+@click.option("--stats", default=None, help="Stats safetensors with <module>.cov (CorDA).")
+@click.option("--calib", default=None, help="JSONL to compute the CorDA stats from (cached).")
+@writing_options
+def decompose(src, method, rank, alpha, params, stats, calib, quiet, **common):
+    """Split SRC into a residual model (OUT) and a PEFT adapter (OUT/adapter)."""
+    from surgery.decompose import decompose as api_fn
+
+    run_verb(api_fn, src, method=method, rank=rank, alpha=alpha, params=list(params),
+             stats=stats, calib=calib, quiet=quiet, **common)  # fmt: skip
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("base")
+@click.argument("tuned")
+@click.option("-r", "--rank", type=int, default=None, help="Fixed rank per module.")
+@click.option("--energy", type=float, default=None, help="Per-module energy kept, in (0, 1].")
+@click.option("--budget", type=int, default=None, help="Global budget shared across modules.")
+@click.option("--budget-unit", type=click.Choice(["rank", "params"]), default="rank",
+              show_default=True)  # fmt: skip
+@click.option("--normalize", is_flag=True, help="Budget by relative error per module.")
+@click.option("--min-rank", type=int, default=0, show_default=True)
+@click.option("--max-rank", type=int, default=None)
+@click.option("--include-embeddings", is_flag=True, help="Also embeddings and lm_head.")
+@click.option("-p", "--param", "params", multiple=True, help="key=value (niter=0: exact SVD).")
+@writing_options
+def extract(base, tuned, params, quiet, **common):
+    """Extract a PEFT LoRA adapter of TUNED − BASE into OUT."""
+    from surgery.decompose import extract as api_fn
+
+    run_verb(api_fn, base, tuned, params=list(params), quiet=quiet, **common)
+
+
 def main() -> None:
     """Console entry point (``surgery``)."""
     cli(prog_name="surgery")

@@ -120,6 +120,7 @@ class CalibPlan:
     tokenizer_path: str | None
     data_path: Path
     _model_map: dict[str, str] = field(default_factory=dict)  # ckpt module -> model module
+    config_path: str | None = None  # --config, when the checkpoint folder has no config.json
 
     @property
     def tokens(self) -> int:
@@ -131,7 +132,7 @@ class CalibPlan:
 
     def describe(self) -> list[str]:
         """Human-readable lines: model, data, memory estimate, groups."""
-        gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        gib = _fmt_bytes
         peak_group = max((self.cov_bytes(g) for g in self.groups), default=0)
         conv = "per-sample |max| (official/PEFT)" if self.cov_norm == "max" else "token-weighted"
         lines = [
@@ -155,6 +156,13 @@ class CalibPlan:
         widest = max(self.in_features.values(), default=hidden)
         per_tok = 4 * (8 * hidden + 3 * widest)
         return self.batch_size * self.seq_len * per_tok
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= size:
+            return f"{b / size:.2f} {unit}"
+    return f"{int(b)} B"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -806,6 +814,7 @@ def plan_calibration(
         tokenizer_path=options["tokenizer"],
         data_path=data,
         _model_map={m: by_ckpt[m] for m in modules},
+        config_path=None if config is None else str(config),
     )
     if len(groups) > 1:
         log.warning(
@@ -1241,7 +1250,7 @@ def calibrate(
         os.replace(tmp, dest)
         return dest
 
-    model, _ = build_model(plan.ckpt, config=config, device=plan.device)
+    model, _ = build_model(plan.ckpt, config=plan.config_path, device=plan.device)
     tensors: dict[str, Any] = {}
     try:
         for gi, group in enumerate(plan.groups):

@@ -574,3 +574,49 @@ def test_stats_file_roundtrip_and_check(llama, tmp_path):
         Stats.open(tmp_path / "cov.pt")
     with pytest.raises(SurgeryError, match=r"surgery calibrate"):
         Stats.open(tmp_path / "none.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+def test_cli_calibrate(llama, data, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    out = tmp_path / "cli.safetensors"
+    args = ["calibrate", str(llama), "--calib", str(data), "--batch-size", "3", "--no-cache"]
+    r = CliRunner().invoke(cli, [*args, "-o", str(out), "--cov-dtype", "fp64", "--seq-len", "6"])
+    assert r.exit_code == 0, r.output
+    assert f"wrote {out}" in r.output
+    api = calibrate(
+        llama,
+        data,
+        out=tmp_path / "api.safetensors",
+        batch_size=3,
+        seq_len=6,
+        cov_dtype="fp64",
+        cache_dir=False,
+    )
+    a, b = Stats.open(out), Stats.open(api)
+    assert a.fingerprint == b.fingerprint
+    for m in a.modules():
+        assert torch.allclose(a.cov(m), b.cov(m), rtol=1e-12, atol=0)
+    r = CliRunner().invoke(cli, [*args, "--dry-run", "--max-memory", "20KB"])
+    assert r.exit_code == 0, r.output
+    assert "estimated peak memory" in r.output and "pass(es) over the data" in r.output
+    assert not (tmp_path / "x.safetensors").exists()
+    r = CliRunner().invoke(
+        cli,
+        [
+            "calibrate",
+            str(llama),
+            "--calib",
+            str(tmp_path / "no.jsonl"),
+            "-o",
+            str(tmp_path / "x.safetensors"),
+        ],
+    )
+    assert r.exit_code == 1 and "Error: " in r.output and "no such calibration file" in r.output
+    r = CliRunner().invoke(cli, ["calibrate", str(llama), "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 2 and "--calib FILE.jsonl is required" in r.output
