@@ -27,7 +27,7 @@ from .linalg import svd_topk
 from .lowrank import LowRank, split_factors
 from .quant import fake_quantize
 
-__all__ = ["compress", "recover", "pela_rank", "compress_report"]
+__all__ = ["compress", "recover", "pela_rank", "compress_report", "loftq_trace"]
 
 
 def pela_rank(n_in: int, n_out: int, ratio: float) -> int:
@@ -190,3 +190,36 @@ def compress_report(w: Array, residual: Array, lowrank: LowRank) -> dict[str, fl
         "rel_error_after": rel(after),
         "rank": float(lowrank.rank),
     }
+
+
+def loftq_trace(
+    w: Array,
+    *,
+    rank: int,
+    iters: int,
+    bits: int = 4,
+    group_size: int = 64,
+    scheme: Literal["int", "nf4"] = "int",
+    niter: int = -1,
+    rng: np.random.Generator | None = None,
+) -> list[float]:
+    """Return ``‖W − Q_t − B_t A_t‖_F / ‖W‖_F`` after each LoftQ iteration ``t = 1..iters``.
+
+    The same alternation as :func:`compress` with ``loftq_iter = iters`` (its last entry is that
+    run's error). LoftQ's error usually decreases but need not: the quantiser is not a Euclidean
+    projection (ALGORITHMS.md §7).
+
+    Reference: https://arxiv.org/abs/2310.08659
+    """
+    xp = array_namespace(w)
+    if int(iters) < 1:
+        raise OpError(f"iters must be >= 1, got {iters}")
+    norm = float(xp.linalg.norm(w.astype(xp.float64))) or 1.0
+    out: list[float] = []
+    target = w
+    for _ in range(int(iters)):
+        q = fake_quantize(target, bits=bits, group_size=group_size, scheme=scheme)
+        lr = recover(w, q, rank=int(rank), niter=niter, rng=rng)
+        out.append(float(xp.linalg.norm((w - q - lr.delta()).astype(xp.float64))) / norm)
+        target = w - lr.delta()  # LoftQ: quantise what the adapter does not explain
+    return out

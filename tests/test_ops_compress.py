@@ -12,7 +12,7 @@ import pytest
 from scipy.stats import norm
 
 from ops.backend import OpError, to_host
-from ops.compress import compress, compress_report, pela_rank, recover
+from ops.compress import compress, compress_report, loftq_trace, pela_rank, recover
 from ops.quant import NF4_CODE, fake_quantize, quantize_absmax, quantize_nf4
 
 
@@ -206,6 +206,13 @@ def test_loftq_iterations_and_report():
         errs.append(rep["error_after"])
     # Not guaranteed monotone (the quantiser is not a Euclidean projection), but it must help here.
     assert min(errs[1:]) < errs[0]
+    # The per-iteration trace reproduces every run's final error.
+    trace = loftq_trace(w, rank=4, iters=5, bits=2, group_size=16, niter=0)
+    norm = np.linalg.norm(w.astype(np.float64))
+    np.testing.assert_allclose([trace[0], trace[1], trace[2], trace[4]], np.array(errs) / norm,
+                               rtol=1e-5)  # fmt: skip
+    with pytest.raises(OpError, match="iters must be >= 1, got 0"):
+        loftq_trace(w, rank=4, iters=0)
 
 
 def test_compress_report_numbers():
