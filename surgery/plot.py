@@ -23,6 +23,7 @@ from typing import Any
 from .errors import SurgeryError
 
 __all__ = [
+    "require",
     "plot_spectra",
     "plot_report",
     "report_fields",
@@ -38,10 +39,15 @@ INSTALL_HINT = "plotting needs matplotlib: pip install 'ckpt-surgery[plot]'"
 # The block index in a tensor name (same families as surgery.targets: layers/h/layer/blocks).
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 # Row fields that are bookkeeping, not per-module figures worth a map.
-_SKIP_FIELDS = {"seconds", "time", "elapsed", "bytes", "nbytes", "numel", "seed", "shard", "offset"}
+_SKIP_FIELDS = {
+    "seconds", "time", "elapsed", "bytes", "nbytes", "numel", "seed", "shard", "offset",
+    "in", "out",  # the module's shape
+}  # fmt: skip
 # When several numeric fields exist, these come first (drifts and errors are what the maps are
 # for; a port manifest has both its drift and, for a full fine-tune input, an extraction error).
-_PREFERRED = ("drift", "err", "cos", "rel_", "energy", "rank")
+# Substrings, first match wins: port → drift, cos_drift_patch, …; extract/decompose → rel_error,
+# rank, energy_adapter, max_abs_error.
+_PREFERRED = ("drift", "rel_error", "cos", "rank", "energy_adapter", "rel_", "err", "energy")
 _MAX_PANELS = 4
 
 
@@ -64,6 +70,11 @@ class _Mpl:
         fig = self.Figure(figsize=figsize, layout="constrained")
         self.Canvas(fig)
         return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def require() -> None:
+    """Raise the install hint now if matplotlib is missing (the CLI checks before a long run)."""
+    _Mpl()
 
 
 def module_type(name: str) -> tuple[int | None, str]:
@@ -257,9 +268,11 @@ def report_fields(manifest: Mapping[str, Any] | str | Path) -> list[str]:
             if k != "name" and k not in _SKIP_FIELDS and _number(v) is not None:
                 seen.setdefault(k)
 
-    def key(f: str) -> tuple[int, int]:
+    def key(f: str) -> tuple[int, bool, int]:
         ranks = [i for i, p in enumerate(_PREFERRED) if p in f.lower()]
-        return (ranks[0] if ranks else len(_PREFERRED), list(seen).index(f))
+        i = ranks[0] if ranks else len(_PREFERRED)
+        # An exact name ("drift") before a longer one containing it ("cos_drift_patch").
+        return (i, i == len(_PREFERRED) or f.lower() != _PREFERRED[i], list(seen).index(f))
 
     return sorted(seen, key=key)
 

@@ -96,19 +96,19 @@ def _manifest():
                     "name": f"model.layers.{li}.{t}.weight",
                     "action": "extracted",
                     "rank": 4,
-                    "rel_err": 0.1 * (li + 1) + (0.01 if t == "mlp.down_proj" else 0.0),
+                    "rel_error": 0.1 * (li + 1) + (0.01 if t == "mlp.down_proj" else 0.0),
                     "ok": True,
                 }
             )
-    rows.append({"name": "lm_head.weight", "action": "extracted", "rel_err": "nan", "rank": 8})
+    rows.append({"name": "lm_head.weight", "action": "extracted", "rel_error": "nan", "rank": 8})
     return {"verb": "extract", "method": "svd", "tensors": rows}
 
 
 def test_report_fields_and_grid_place_every_value():
     man = _manifest()
     # Booleans and strings are not figures; error-like fields come first.
-    assert report_fields(man) == ["rel_err", "rank"]
-    rows, cols, grid = report_grid(man, "rel_err")
+    assert report_fields(man) == ["rel_error", "rank"]
+    rows, cols, grid = report_grid(man, "rel_error")
     assert rows == ["0", "1", "2", "-"]
     assert cols == ["self_attn.q_proj", "mlp.down_proj", "lm_head"]
     expect = np.array([[0.1, 0.11, np.nan], [0.2, 0.21, np.nan], [0.3, 0.31, np.nan], [np.nan] * 3])
@@ -123,14 +123,14 @@ def test_plot_report_from_dict_folder_and_file(tmp_path):
     folder.mkdir()
     (folder / "surgery.json").write_text(json.dumps(man))
     w_all, _ = sane(plot_report(man, tmp_path / "a.png"), lo=3_000)
-    w_one, _ = sane(plot_report(folder, tmp_path / "b.png", metric="rel_err"), lo=3_000)
-    # Two panels (rel_err, rank) are twice as wide as one.
+    w_one, _ = sane(plot_report(folder, tmp_path / "b.png", metric="rel_error"), lo=3_000)
+    # Two panels (rel_error, rank) are twice as wide as one.
     assert w_all == 2 * w_one
     sane(plot_report(folder / "surgery.json", tmp_path / "c.png", log_scale=True), lo=3_000)
 
 
 def test_plot_report_errors_list_what_exists(tmp_path):
-    with pytest.raises(SurgeryError, match="unknown metric 'drift'.*rel_err, rank"):
+    with pytest.raises(SurgeryError, match="unknown metric 'drift'.*rel_error, rank"):
         plot_report(_manifest(), tmp_path / "x.png", metric="drift")
     with pytest.raises(SurgeryError, match="no per-tensor numeric figures"):
         plot_report(
@@ -164,3 +164,84 @@ def test_cli_inspect_plot_implies_spectra(tiny_ckpt, tmp_path):
     assert "r90" in r.output  # the spectra table was printed too
     w, _ = sane(out, lo=3_000)
     assert w == 2 * 260  # two module types
+
+
+def test_report_of_real_extract_and_port_runs(tmp_path):
+    from surgery import demo
+
+    base = demo.tiny_llama(tmp_path / "base", layers=2)
+    tuned = demo.finetune(base, tmp_path / "tuned", seed=1, scale=0.05, rank=3)
+    new = demo.finetune(base, tmp_path / "new", seed=7, scale=0.05)
+    lora = api.extract(str(base), str(tuned), rank=2, out=tmp_path / "lora")
+    man = json.loads((lora / "surgery.json").read_text())
+    fields = report_fields(man)
+    assert fields[:2] == ["rel_error", "rank"], fields
+    rows, cols, grid = report_grid(man, "rel_error")
+    for t in man["tensors"]:  # every extracted module lands in its cell
+        layer, mtype = module_type(t["name"])
+        assert grid[rows.index(str(layer)), cols.index(mtype)] == pytest.approx(t["rel_error"])
+    sane(plot_report(lora, tmp_path / "extract.png"), lo=3_000)
+
+    ported = api.port(str(lora), to=str(new), from_=str(base), out=tmp_path / "ported")
+    man = json.loads((ported / "surgery.json").read_text())
+    assert report_fields(man)[:2] == ["drift", "cos_drift_patch"]
+    _, _, drift = report_grid(man, "drift")
+    assert np.isfinite(drift).sum() == len(man["tensors"]) and (drift[np.isfinite(drift)] > 0).all()
+    sane(plot_report(ported, tmp_path / "drift.png"), lo=3_000)
+
+
+def test_cli_extract_and_port_plot(tmp_path):
+    from surgery import demo
+
+    base = demo.tiny_llama(tmp_path / "base", layers=2)
+    tuned = demo.finetune(base, tmp_path / "tuned", seed=1, scale=0.05, rank=3)
+    run = lambda *a: CliRunner().invoke(cli, [str(x) for x in a])  # noqa: E731
+    r = run(
+        "extract", base, tuned, "-r", 2, "-o", tmp_path / "lora", "-q", "--plot", tmp_path / "e.png"
+    )
+    assert r.exit_code == 0, r.output
+    assert f"wrote {tmp_path / 'e.png'}" in r.output
+    sane(tmp_path / "e.png", lo=3_000)
+    r = run("port", tmp_path / "lora", "--to", tuned, "--from", base, "-o", tmp_path / "p", "-q",
+            "--plot", tmp_path / "p.png")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "drift over" in r.output
+    sane(tmp_path / "p.png", lo=3_000)
+    # --dry-run plans and plots nothing.
+    r = run(
+        "extract",
+        base,
+        tuned,
+        "-r",
+        2,
+        "-o",
+        tmp_path / "x",
+        "--dry-run",
+        "--plot",
+        tmp_path / "x.png",
+    )
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_plot_without_matplotlib_fails_before_the_run(monkeypatch, tmp_path):
+    from surgery import demo
+
+    base = demo.tiny_llama(tmp_path / "base", layers=1)
+    tuned = demo.finetune(base, tmp_path / "tuned", seed=1, scale=0.05, rank=2)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    args = [
+        "extract",
+        str(base),
+        str(tuned),
+        "-r",
+        "2",
+        "-o",
+        str(tmp_path / "lora"),
+        "--plot",
+        "e.png",
+    ]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1
+    assert "pip install 'ckpt-surgery[plot]'" in r.output
+    assert not (tmp_path / "lora").exists()  # nothing was written
