@@ -9,6 +9,10 @@ hard-coded 32 layers × 11008 rows:
 3. the write pass shifts each chosen row by ``+alpha·w`` (the probe as trained, not normalised) in
    fp32 and casts back to the stored dtype; tensors with no chosen row are copied byte for byte.
 
+The candidates are the tensors ``-p module`` matches (a suffix list or regex, ``--targets``
+syntax), restricted by ``--targets``, ``--exclude`` and ``--layers`` when given. A negative
+``alpha`` flips the shift (the spec's ``sign``).
+
 ``project_out`` removes the probe direction from the output space of ``--targets`` (modules that
 write into the probe's space, e.g. ``o_proj,down_proj``).
 
