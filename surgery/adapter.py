@@ -69,6 +69,8 @@ __all__ = [
     "find_adapter_dir",
     "is_hub_id",
     "pattern_key",
+    "peft_prefix",
+    "resolve_weight",
     "targets_module",
     "task_type_for",
 ]
@@ -113,6 +115,52 @@ _TASKS = (
 )  # fmt: skip
 _SEQ2SEQ = frozenset({"t5", "mt5", "bart", "mbart", "pegasus", "marian", "umt5", "longt5", "led",
                       "blenderbot", "m2m_100", "nllb-moe", "fsmt", "prophetnet"})  # fmt: skip
+
+
+# transformers' ``base_model_prefix`` by model_type, for head classes (``*ForCausalLM``,
+# ``GPT2LMHeadModel``…) whose checkpoints may store tensor names without it (the Hub's ``gpt2``
+# stores ``h.0.attn.c_attn.weight``; PEFT sees the module ``transformer.h.0.attn.c_attn``).
+_MODEL_PREFIX = {
+    **dict.fromkeys(("gpt2", "gpt_bigcode", "gptj", "bloom", "falcon", "codegen", "mpt",
+                     "imagegpt", "openai-gpt"), "transformer"),
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                     "gemma", "gemma2", "phi", "phi3", "olmo", "olmo2", "starcoder2", "cohere",
+                     "granite", "stablelm", "opt", "deepseek_v3"), "model"),
+    "gpt_neox": "gpt_neox", "bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta",
+    "distilbert": "distilbert", "electra": "electra", "deberta": "deberta",
+    "deberta-v2": "deberta",
+}  # fmt: skip
+_STRIPPABLE = frozenset(_MODEL_PREFIX.values()) | {"base_model"}
+
+
+def peft_prefix(base: Checkpoint) -> str:
+    """The module-name prefix PEFT's model has but the checkpoint's tensor names lack.
+
+    ``"transformer."`` for a ``GPT2LMHeadModel`` checkpoint stored as ``h.0…``; ``""`` when the
+    names already carry it, for base-model classes (``LlamaModel``) and unknown architectures.
+    """
+    cfg = base.config
+    archs = cfg.get("architectures") or []
+    p = _MODEL_PREFIX.get(cfg.get("model_type"))
+    if not p or not archs:
+        return ""
+    arch = archs[0]
+    head = not arch.endswith("Model") or arch.endswith(("LMHeadModel", "DoubleHeadsModel"))
+    if not head or any(n.startswith(p + ".") for n in base.names()):
+        return ""
+    return p + "."
+
+
+def resolve_weight(ckpt: Checkpoint, module: str) -> str | None:
+    """The tensor holding ``module``'s weight in ``ckpt``: ``<module>.weight``, or the same
+    without a leading wrapper component (``transformer.``, ``model.``…) the checkpoint omits."""
+    name = f"{module}.weight"
+    if name in ckpt:
+        return name
+    first, _, rest = module.partition(".")
+    if rest and first in _STRIPPABLE and f"{rest}.weight" in ckpt:
+        return f"{rest}.weight"
+    return None
 
 
 # -- PEFT's matching rules, re-implemented so that validation agrees with what PEFT will do -------
@@ -537,8 +585,8 @@ class Adapter:
                 m
                 for m in self.modules
                 if m not in self.embeddings
-                and self.weight_name(m) in base
-                and base.is_conv1d(self.weight_name(m))
+                and resolve_weight(base, m) is not None
+                and base.is_conv1d(resolve_weight(base, m))
             ]
             cfg["fan_in_fan_out"] = bool(conv)
             problems += _check_against_base(self, base)
@@ -610,6 +658,8 @@ class Adapter:
         for m, lr in self.modules.items():
             problems += _check_module(self, m, lr)
         _raise(problems, "adapter")
+        if base is not None:
+            self._canonical_names(base)
         cfg = self.build_config(base, leaf_targets=leaf_targets)
         tensors = self.tensors()
         shapes = {k: tuple(t.shape) for k, t in tensors.items()}
@@ -621,6 +671,29 @@ class Adapter:
         (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         self.config, self.path = cfg, out
         return out
+
+    def _canonical_names(self, base: Checkpoint) -> None:
+        """Rename modules to the names PEFT's model has for ``base`` (in place).
+
+        Checkpoint names get ``peft_prefix`` (``h.0.attn.c_attn`` → ``transformer.h.0…`` for a
+        GPT-2 LM checkpoint stored without it); PEFT names stay. Keys PEFT cannot match would
+        make the adapter a silent no-op.
+        """
+        pfx = peft_prefix(base)
+        ren: dict[str, str] = {}
+        for m in self.modules:
+            wn = resolve_weight(base, m)
+            if wn is not None:
+                ren[m] = pfx + wn[: -len(".weight")]
+        if all(k == v for k, v in ren.items()):
+            return
+        if len(set(ren.values())) != len(ren):
+            raise SurgeryError("two adapter modules map to the same base tensor")
+        r = lambda d: {ren.get(k, k): v for k, v in d.items()}  # noqa: E731
+        self.modules, self.diag, self.E = r(self.modules), r(self.diag), r(self.E)
+        self.magnitude, self.bias = r(self.magnitude), r(self.bias)
+        self.embeddings = {ren.get(m, m) for m in self.embeddings}
+        log.info("adapter modules renamed to PEFT's names (prefix %r)", pfx)
 
 
 # -- helpers: base checks, targets ----------------------------------------------------------------
@@ -655,10 +728,12 @@ def _pattern(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
 
 
 def _base_modules(base: Checkpoint | None) -> list[str] | None:
+    """The base's 2-D weight modules under the names PEFT will see (``peft_prefix`` added)."""
     if base is None:
         return None
+    pfx = peft_prefix(base)
     return [
-        n[: -len(".weight")]
+        pfx + n[: -len(".weight")]
         for n in base.names()
         if n.endswith(".weight") and len(base.shape(n)) == 2
     ]
@@ -722,7 +797,7 @@ def _check_against_base(ad: Adapter, base: Checkpoint) -> list[str]:
     p: list[str] = []
     names = set(base.names())
     for m, lr in sorted(ad.modules.items()):
-        wn = ad.weight_name(m)
+        wn = resolve_weight(base, m) or ad.weight_name(m)
         if wn not in names:
             from .errors import did_you_mean
 

@@ -35,7 +35,14 @@ import numpy as np
 
 from ops.lowrank import LowRank
 
-from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, find_adapter_dir, is_hub_id
+from .adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    Adapter,
+    find_adapter_dir,
+    is_hub_id,
+    resolve_weight,
+)
 from .checkpoint import COMPUTABLE_DTYPES, Checkpoint, torch_dtype
 from .errors import SurgeryError
 from .manifest import Manifest, hub_id_of
@@ -150,8 +157,8 @@ def _convert_hint(reason: str) -> str:
 
 
 def _module_shape(ckpt: Checkpoint, module: str) -> tuple[int, ...] | None:
-    name = f"{module}.weight"
-    return tuple(ckpt.shape(name)) if name in ckpt else None
+    name = resolve_weight(ckpt, module)
+    return tuple(ckpt.shape(name)) if name is not None else None
 
 
 def _rel(num: float, den: float) -> float:
@@ -178,7 +185,7 @@ def _apply_task(
     role, module = roles[name]
     out_dt = torch_dtype(out_dtype_name(dtype, ckpt.dtype(name)))
     if role == "full":
-        t = torch.as_tensor(ad.full[name]).to(torch.float32)
+        t = torch.as_tensor(ad.full[module]).to(torch.float32)  # module: the adapter's key
         return TensorResult(name, tensor=t.to(out_dt).contiguous(), report={"action": "replaced"})
     w = ckpt.get(name).to(torch.float32)  # (out, in) or (out,) for a bias
     if role == "bias":
@@ -207,9 +214,9 @@ def _check_modules(ad: Adapter, ckpt: Checkpoint, what: str) -> list[str]:
                 f"{m}: the adapter's update is {list(want)} but {m}.weight is "
                 f"{list(shape)} in {what} {ckpt.source}"
             )
-        elif ckpt.dtype(f"{m}.weight") not in COMPUTABLE_DTYPES:
+        elif ckpt.dtype(resolve_weight(ckpt, m)) not in COMPUTABLE_DTYPES:
             problems.append(
-                f"{m}.weight is {ckpt.dtype(m + '.weight')}; surgery computes only "
+                f"{m}.weight is {ckpt.dtype(resolve_weight(ckpt, m))}; surgery computes only "
                 "on F16/BF16/F32/F64 weights"
             )
     return problems
@@ -243,14 +250,15 @@ def apply(base: str, adapter: str, **options: Any) -> Path | Plan:
     problems = _check_modules(ad, ckpt, "the base")
     roles: dict[str, tuple[str, str]] = {}
     for m in ad.modules:
-        roles[f"{m}.weight"] = ("weight", m)
+        roles[resolve_weight(ckpt, m) or f"{m}.weight"] = ("weight", m)
     for m in ad.bias:
-        bn = f"{m}.bias"
+        bn = (resolve_weight(ckpt, m) or f"{m}.weight")[: -len("weight")] + "bias"
         if bn not in ckpt:
             problems.append(f"{m}: lora_bias needs {bn} in the base (PEFT refuses to merge)")
         else:
             roles[bn] = ("bias", m)
-    for n, t in ad.full.items():
+    for n0, t in ad.full.items():
+        n = (resolve_weight(ckpt, module_of(n0)) if n0.endswith(".weight") else None) or n0
         if n not in ckpt:
             problems.append(f"{n}: the adapter stores a full tensor for it, absent from the base")
         elif tuple(ckpt.info(n).shape) != tuple(t.shape):
@@ -259,7 +267,7 @@ def apply(base: str, adapter: str, **options: Any) -> Path | Plan:
                 f"{list(ckpt.info(n).shape)}"
             )
         elif n not in roles:
-            roles[n] = ("full", "")
+            roles[n] = ("full", n0)
     _fail(problems, f"cannot apply {ad.path} to {base}")
     resolve_device(opts.device)  # validates --device; the fold itself is a cheap fp32 CPU op
     names = [n for n in ckpt.names() if n in roles]
@@ -328,15 +336,23 @@ def _port_task(
     energy: float | None,
     seed: int,
     dtype: str | None,
+    modmap: dict[str, tuple[str, str | None]] | None,
     name: str,
 ) -> TensorResult:
-    """Port one module: extract (full fine-tune input) and/or merge, with the drift report."""
+    """Port one module: extract (full fine-tune input) and/or merge, with the drift report.
+
+    ``modmap``: new-base tensor name → (adapter module, old-base tensor name) for adapter inputs.
+    """
     import torch
 
-    m = module_of(name)
+    m, old_name = modmap[name] if modmap is not None else (module_of(name), name)
     w_new = new.get(name).to(torch.float32)
     report: dict[str, Any] = {"module": m}
     lowrank = None
+    if kind == "adapter" and name.endswith(".bias"):  # lora_bias: b_new + s·lora_B.bias
+        out_dt = torch_dtype(out_dtype_name(dtype, new.dtype(name)))
+        new_b = (w_new + src.bias_delta(m)).to(out_dt)
+        return TensorResult(name, tensor=new_b, report={"module": m, "action": "ported bias"})
     if kind == "adapter":
         patch = _tensor_of(src, m, rows=w_new.shape[0])  # zero rows for a grown vocabulary
         report["rank"] = src.rank(m)
@@ -369,7 +385,7 @@ def _port_task(
                     scale=1.0,
                 )
     if old is not None:
-        w_old = old.get(name).to(torch.float32)
+        w_old = old.get(old_name).to(torch.float32)
         if w_old.shape != w_new.shape:  # grown vocabulary: compare the shared rows
             rows = min(w_old.shape[0], w_new.shape[0])
             report.update(_drift(w_old[:rows], w_new[:rows], patch[:rows]))
@@ -451,6 +467,7 @@ def port(
             )
             ad.full = {}
         names, pads = [], {}
+        modmap: dict[str, tuple[str, str | None]] | None = {}
         for m in sorted(ad.modules):
             lr = ad.modules[m]
             want = (int(lr.B.shape[0]), int(lr.A.shape[1]))
@@ -478,7 +495,16 @@ def port(
                         f"{m}: the patch is {list(want)} but the old base has "
                         f"{list(oshape) if oshape else 'no such module'}"
                     )
-            names.append(f"{m}.weight")
+            wn = resolve_weight(new, m)
+            names.append(wn)
+            modmap[wn] = (m, resolve_weight(old, m) if old is not None else None)
+            if m in ad.bias and merge:
+                bn = wn[: -len("weight")] + "bias"
+                if bn not in new:
+                    problems.append(f"{m}: lora_bias needs {bn} in the new base")
+                else:
+                    names.append(bn)
+                    modmap[bn] = (m, None)
         if pads:
             warnings.append(
                 "vocabulary growth: zero rows appended to the patch of "
@@ -505,7 +531,7 @@ def port(
             problems.append(f"--energy must be in (0, 1], got {energy}")
         src = Checkpoint.open(adapter)
         names = select(old, opts.targets, opts.exclude, opts.layers)
-        pads = {}
+        pads, modmap = {}, None
         for n in names:
             for ck, what in ((src, "the fine-tune"), (new, "the new base")):
                 if n not in ck:
@@ -545,7 +571,7 @@ def port(
     man.summary["warnings"] = warnings
     man.dtypes = {"compute": "float32", "output": opts.dtype or "stored"}
     task = functools.partial(
-        _port_task, kind, src, new, old, merge, rank, energy, opts.seed, opts.dtype
+        _port_task, kind, src, new, old, merge, rank, energy, opts.seed, opts.dtype, modmap
     )
     finish = None
     if not merge:
@@ -735,7 +761,7 @@ def _kasa_tail_task(base: Checkpoint, ranks: dict[str, int], name: str) -> Tenso
     m = module_of(name)
     w = base.get(name).to(torch.float64).numpy()
     u, s, vh = svd(w)
-    r, k = ranks[m], min(w.shape)
+    r, k = ranks[name], min(w.shape)
     tail = LowRank(
         A=vh[k - r :].astype(np.float32),
         B=(-u[:, k - r :] * s[k - r :]).astype(np.float32),
@@ -866,7 +892,10 @@ def convert(
             "wrote it); pass --base ORIGINAL to fold the truncation into the adapter"
         )
         notes["requires_base"] = "kasa-truncated"
-    names = [f"{m}.weight" for m in sorted(plain.modules)] if (is_kasa and base_ckpt) else []
+    wmap = {}  # base tensor name → adapter module (KaSA with --base)
+    if is_kasa and base_ckpt is not None:
+        wmap = {resolve_weight(base_ckpt, m): m for m in sorted(plain.modules)}
+    names = list(wmap)
     if names:
         notes["identity"] = "rank-2r: A' = [diag(d)A; Vh_tail], B' = [B, -U_tail S_tail / s]"
         notes["requires_base"] = "original"
@@ -878,9 +907,10 @@ def convert(
         man.inputs.append(_adapter_record("init", init_ad))
     if base_ckpt is not None:
         man.add_input("base", base_ckpt)
-    ranks = {m: lr.rank for m, lr in plain.modules.items()}
+    ranks = {n: plain.rank(m) for n, m in wmap.items()}
     task = functools.partial(_kasa_tail_task, base_ckpt, ranks)
-    finish = functools.partial(_finish_convert, plain, base_ckpt, pad_rank, warnings, notes)
+    back = {module_of(n): m for n, m in wmap.items()}
+    finish = functools.partial(_finish_convert, plain, base_ckpt, pad_rank, warnings, notes, back)
     job = opts.job("convert", man, names, task, template=None, finish_adapter=finish,
                    plan_lines=[f"adapter: {ad.path} ({ad.flavour})"])  # fmt: skip
     return execute(job, opts.progress)
@@ -892,6 +922,7 @@ def _finish_convert(
     pad_rank: bool,
     warnings: list[str],
     notes: dict[str, Any],
+    back: dict[str, str],
     tails: dict[str, LowRank],
     folder: Path,
     manifest: Manifest,
@@ -899,6 +930,7 @@ def _finish_convert(
     import torch
 
     if tails:  # KaSA with --base: append the (negated) tail at the adapter's scale
+        tails = {back[k]: v for k, v in tails.items()}
         mods = {}
         for m, lr in plain.modules.items():
             t = tails[m]

@@ -552,3 +552,28 @@ def test_cli_adapter_merge_with_rank(tmp_path, bases):
                                  "2", "-o", str(tmp_path / "m"), "-q"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert Adapter.load(tmp_path / "m").rank(Q0) == 2
+
+
+def test_checkpoint_without_wrapper_prefix_gpt2(tmp_path, bases):
+    """Hub ``gpt2`` stores ``h.0.attn.c_attn.weight``; PEFT's module is ``transformer.h.0…``.
+
+    Keys written under the checkpoint's names would be silently ignored by PEFT (a no-op
+    adapter); the writer adds the prefix, and apply resolves PEFT names back to the tensors.
+    """
+    src = Checkpoint.open(bases["gpt2"])
+    t = {n.removeprefix("transformer."): src.raw(n) for n in src.names()}
+    cfg = json.loads((bases["gpt2"] / "config.json").read_text())
+    stripped = demo.save_checkpoint(t, tmp_path / "gpt2", cfg)
+    ck = Checkpoint.open(stripped)
+    m = "h.1.mlp.c_fc"
+    a = Adapter(modules={m: lr(128, 32, 4, 2.0, 0)}).save(tmp_path / "a", base=ck)
+    keys = Adapter.load(a).modules
+    assert list(keys) == ["transformer.h.1.mlp.c_fc"]
+    pm = PeftModel.from_pretrained(model(stripped), str(a)).eval()
+    with torch.no_grad():
+        base_logits = model(stripped)(ids()).logits
+        assert (pm(ids()).logits - base_logits).abs().max() > 1e-3  # not a silent no-op
+    ref = pm.merge_and_unload().state_dict()
+    out = apply(stripped, a, out=tmp_path / "m")
+    got = Checkpoint.open(out)
+    assert torch.allclose(got.raw(m + ".weight"), ref["transformer." + m + ".weight"], atol=2e-6)
