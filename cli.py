@@ -95,6 +95,22 @@ def run_verb(fn, *args: Any, quiet: bool = False, **kwargs: Any) -> None:
             click.echo(push(result, repo))
 
 
+def _plotter(path: str | None, common: dict[str, Any]):
+    """For ``--plot``: check matplotlib now, return a callable that maps OUT's surgery.json."""
+
+    def plot() -> None:
+        if path and not common.get("dry_run"):
+            from surgery.plot import plot_report
+
+            click.echo(f"wrote {plot_report(common['out'], path)}")
+
+    if path:
+        from surgery.plot import require
+
+        require()  # fail before the run, not after it
+    return plot
+
+
 class SurgeryGroup(click.Group):
     """A click group that turns ``SurgeryError`` into ``Error: <message>`` and exit code 1."""
 
@@ -121,15 +137,24 @@ def cli(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--spectra", is_flag=True, help="Add per-matrix singular-value figures.")
 @click.option("--targets", default="all-linear", show_default=True, help="Matrices for --spectra.")
-def inspect(src: str, as_json: bool, spectra: bool, targets: str) -> None:
+@click.option("--plot", type=click.Path(), help="Write a spectra PNG (implies --spectra).")
+def inspect(src: str, as_json: bool, spectra: bool, targets: str, plot: str | None) -> None:
     """Show tensors, shapes, dtypes and shards of SRC (headers only unless --spectra)."""
     from surgery import api
 
-    info = api.inspect(src, spectra_of=targets if spectra else None)
+    if plot:
+        from surgery.plot import require
+
+        require()  # the install hint before any SVD
+    info = api.inspect(src, spectra_of=targets if spectra or plot else None)
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
         click.echo(api.format_inspect(info))
+    if plot:
+        from surgery.plot import plot_spectra
+
+        click.echo(f"wrote {plot_spectra(info, plot)}", err=as_json)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -221,16 +246,19 @@ def apply(base, adapter, quiet, **common):
 @click.option("--merge", "merge_", is_flag=True, help="Write NEW + ΔW instead of an adapter.")
 @click.option("-r", "--rank", type=int, default=None, help="Full fine-tune input: patch rank.")
 @click.option("--energy", type=float, default=None, help="Full fine-tune input: energy kept.")
+@click.option("--plot", type=click.Path(), help="Write the per-module drift map (PNG).")
 @writing_options
-def port(adapter, to, from_, merge_, rank, energy, quiet, **common):
+def port(adapter, to, from_, merge_, rank, energy, plot, quiet, **common):
     """Port a LoRA ADAPTER (or a full fine-tune) to an evolved base (PortLLM, training-free)."""
     from surgery.lifecycle import drift_table
     from surgery.lifecycle import port as api_fn
 
+    plot_report = _plotter(plot, common)
     run_verb(api_fn, adapter, to=to, from_=from_, merge=merge_, rank=rank, energy=energy,
              quiet=quiet, **common)  # fmt: skip
     if from_ and not common.get("dry_run"):
         click.echo(drift_table(common["out"]))
+    plot_report()
 
 
 @cli.command(context_settings=CONTEXT)
@@ -395,12 +423,15 @@ def decompose(src, method, rank, alpha, params, stats, calib, quiet, **common):
 @click.option("--max-rank", type=int, default=None)
 @click.option("--include-embeddings", is_flag=True, help="Also embeddings and lm_head.")
 @click.option("-p", "--param", "params", multiple=True, help="key=value (niter=0: exact SVD).")
+@click.option("--plot", type=click.Path(), help="Write the per-module error map (PNG).")
 @writing_options
-def extract(base, tuned, params, quiet, **common):
+def extract(base, tuned, params, plot, quiet, **common):
     """Extract a PEFT LoRA adapter of TUNED − BASE into OUT."""
     from surgery.decompose import extract as api_fn
 
+    plot_report = _plotter(plot, common)
     run_verb(api_fn, base, tuned, params=list(params), quiet=quiet, **common)
+    plot_report()
 
 
 def main() -> None:

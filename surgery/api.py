@@ -158,3 +158,4 @@ def format_inspect(info: dict[str, Any]) -> str:
 from .edit import edit  # noqa: E402, F401  (re-export: probe edit, project_out)
 from .hub import push  # noqa: E402, F401  (re-export: upload a folder to the Hub)
 from .lifecycle import apply, convert, merge_adapters, port  # noqa: E402, F401  (adapters)
+from .plot import plot_report, plot_spectra  # noqa: E402, F401  (matplotlib loaded lazily)
