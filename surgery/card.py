@@ -191,7 +191,11 @@ def _licenses(manifest: dict[str, Any]) -> list[str]:
         elif is_hub_id(item.get("hub_id") or item.get("source")) and item.get("revision"):
             repo = str(item.get("hub_id") or item.get("source")).split("@", 1)[0]
             try:
-                hit = try_to_load_from_cache(repo, "README.md", revision=item["revision"])
+                from .hub import _cache_dir
+
+                hit = try_to_load_from_cache(
+                    repo, "README.md", revision=item["revision"], cache_dir=_cache_dir()
+                )
             except Exception:  # noqa: BLE001 - a cache miss must never break card writing
                 hit = None
             card = Path(hit) if isinstance(hit, str) else None
@@ -201,7 +205,8 @@ def _licenses(manifest: dict[str, Any]) -> list[str]:
             lic = (metadata_load(card) or {}).get("license")
         except Exception:  # noqa: BLE001 - a malformed input card is not our problem
             lic = None
-        if isinstance(lic, str):
+        # "other" needs license_name/license_link as well; not worth guessing: leave it out.
+        if isinstance(lic, str) and lic != "other":
             found.append(lic)
     return found
 

@@ -114,7 +114,7 @@ def made_output(tmp_path: Path, base: Path, inputs: list[dict] | None = None) ->
 
 
 # -- pull --------------------------------------------------------------------------------------
-def test_pull_default_branch_revision_and_commit(hf_env, hub, seeded):
+def test_pull_default_branch_revision_and_commit(hf_env, hub, seeded, tmp_path):
     ckpt = Checkpoint.open("org/base")
     assert ckpt.revision == seeded["main"]
     assert ckpt.source == "org/base"
@@ -138,6 +138,12 @@ def test_pull_default_branch_revision_and_commit(hf_env, hub, seeded):
     # A commit hash pins the revision (no branch lookup needed).
     pinned, commit = download("org/base", seeded["main"])
     assert commit == seeded["main"] and pinned == ckpt.root
+
+    # A card for an output of this input inherits the license from the cached Hub card.
+    out = made_output(tmp_path, seeded["v1_dir"],
+                      [{"role": "src", "source": "org/base", "hub_id": "org/base",
+                        "revision": commit}])  # fmt: skip
+    assert "license: apache-2.0" in (out / "README.md").read_text()
 
 
 def test_pull_errors_are_one_clear_message(hf_env, hub, seeded, monkeypatch):
