@@ -174,6 +174,8 @@ def download(
 
     ref = _repo_ref(repo_id, revision)
     offline = is_offline()
+    auth = _auth(token)
+    secret = auth if isinstance(auth, str) else None  # scrubbed from any message
     try:
         local = Path(
             snapshot_download(
@@ -182,7 +184,7 @@ def download(
                 allow_patterns=ALLOW_PATTERNS,
                 cache_dir=_cache_dir(),
                 endpoint=endpoint(),
-                token=token,
+                token=auth,
                 local_files_only=offline,
             )
         )
@@ -195,14 +197,14 @@ def download(
             ) from None
         cause = e.__cause__
         if isinstance(cause, hf.HfHubHTTPError):
-            raise _hub_error(cause, f"cannot download {ref}", ref, token) from None
+            raise _hub_error(cause, f"cannot download {ref}", ref, secret) from None
         raise SurgeryError(
             f"cannot download {ref}: {endpoint()} is unreachable and the repo is not in the local "
             f"cache ({type(cause).__name__ if cause else 'no cache'}); check the network "
             "(or HF_ENDPOINT) and retry"
         ) from None
     except Exception as e:  # noqa: BLE001 - mapped to SurgeryError or re-raised as a bug
-        raise _hub_error(e, f"cannot download {ref}", ref, token) from None
+        raise _hub_error(e, f"cannot download {ref}", ref, secret) from None
     commit = local.name  # snapshots/<commit hash>
     if not any(local.rglob("*.safetensors")):
         raise SurgeryError(
@@ -318,7 +320,9 @@ def remote_headers(
             dict(ckpt.config),
         )
     ref = _repo_ref(repo_id, revision)
-    api = HfApi(endpoint=endpoint(), token=token, library_name="surgery")
+    auth = _auth(token)
+    secret = auth if isinstance(auth, str) else None  # scrubbed from any message
+    api = HfApi(endpoint=endpoint(), token=auth, library_name="surgery")
     try:
         info = api.repo_info(repo_id, revision=revision)
         commit = info.sha or ""
@@ -333,7 +337,7 @@ def remote_headers(
                 revision=commit,
                 endpoint=endpoint(),
                 cache_dir=_cache_dir(),
-                token=token,
+                token=auth,
             )
             return json.loads(Path(path).read_text())
 
@@ -367,7 +371,7 @@ def remote_headers(
 
         if isinstance(e, hf.SafetensorsParsingError):
             raise SurgeryError(f"{ref}: corrupt safetensors header ({e})") from None
-        raise _hub_error(e, f"cannot read headers of {ref}", ref, token) from None
+        raise _hub_error(e, f"cannot read headers of {ref}", ref, secret) from None
     return RemoteHeaders(repo_id, commit, tuple(Path(f) for f in files), tensors, metadata, config)
 
 
@@ -434,9 +438,32 @@ def _folder_files(folder: Path) -> list[str]:
 
 
 def _saved_token() -> str | None:
+    """``HF_TOKEN``, else the saved login, looked up now (huggingface_hub fixed its path at import).
+
+    ``HF_TOKEN_PATH`` / ``HF_HOME`` set after import move the saved login, as they would for a
+    fresh process; an OIDC setup or the default location goes through ``huggingface_hub``.
+    """
     from huggingface_hub import get_token
 
+    if os.environ.get("HF_OIDC_RESOURCE"):
+        return get_token()
+    env = (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or "").strip()
+    if env:
+        return env
+    path = os.environ.get("HF_TOKEN_PATH")
+    if not path and os.environ.get("HF_HOME"):
+        path = os.path.join(os.environ["HF_HOME"], "token")
+    if path:
+        try:
+            return Path(path).expanduser().read_text().strip() or None
+        except OSError:
+            return None
     return get_token()
+
+
+def _auth(token: str | None) -> str | bool:
+    """The token to send: the given one, else ``_saved_token()``, else ``False`` (anonymous)."""
+    return token or _saved_token() or False
 
 
 def _token_in_files(folder: Path, token: str) -> list[str]:

@@ -52,7 +52,8 @@ def hf_env(hub, tmp_path, monkeypatch):
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE",
+              "TRANSFORMERS_OFFLINE", "HF_OIDC_RESOURCE"):  # fmt: skip
         monkeypatch.delenv(k, raising=False)
     return env
 
@@ -304,6 +305,8 @@ def test_push_private_org_and_saved_login(hf_env, hub, seeded, tmp_path):
     assert r.returncode == 0, r.stderr
     assert hub.repos["team/merged"].private
     assert "model.safetensors" in hub.files("team/merged")
+    # In-process too: the saved login is looked up under the HF_HOME of the moment.
+    assert push(out, "alice/again").startswith(f"{hub.url}/alice/again/commit/")
 
 
 def test_push_revision_branch(hf_env, hub, seeded, tmp_path):
