@@ -86,7 +86,13 @@ class Manifest:
     def write(self, folder: Path) -> Path:
         """Write ``surgery.json`` (sorted keys, JSON-safe floats) into ``folder``."""
         path = Path(folder) / "surgery.json"
-        path.write_text(json.dumps(_jsonable(self.to_dict()), indent=2, sort_keys=True) + "\n")
+        d = self.to_dict()
+        for item in d["inputs"]:
+            # surgery.json travels to the Hub: local inputs are named by folder/file name only
+            # (the header digest identifies them); Hub inputs keep their id.
+            if item.get("revision") is None and item.get("source"):
+                item["source"] = Path(str(item["source"])).name
+        path.write_text(json.dumps(_jsonable(d), indent=2, sort_keys=True) + "\n")
         return path
 
     def describe(self) -> str:
