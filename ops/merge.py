@@ -14,14 +14,15 @@ the official code's ``PCB_merge`` (duguodong7/pcb-merging), whose statistics are
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from .backend import Array, OpError, array_namespace
-from .sparsify import bernoulli_mask, kth_smallest, magnitude_mask, rescale_l1
+from .sparsify import bernoulli_mask, kth_smallest, l1_factor, magnitude_mask
 
 __all__ = [
     "PCBStats",
@@ -37,7 +38,10 @@ __all__ = [
     "ties",
 ]
 
-Sparsifier = Callable[[Array, int], Array]  # (delta (*shape), model index) -> sparse delta
+_BLOCK = 1 << 20  # PCB columns per block: bounds the (k, block) temporaries
+
+# (delta (*shape), model index) -> (keep-mask (*shape) | None, factor): s = factor·delta⊙keep
+Sparsifier = Callable[[Array, int], tuple]
 
 
 # --------------------------------------------------------------------------- validation
@@ -54,6 +58,12 @@ def _check_inputs(deltas: Array, weights: Array | Sequence[float]) -> tuple[obje
     if w.shape[0] != deltas.shape[0]:
         raise OpError(f"got {w.shape[0]} weights for {deltas.shape[0]} models")
     return xp, w
+
+
+def _check_lambda(lambda_: float) -> None:
+    # Any finite scale is meaningful (negative λ subtracts the task); NaN/Inf would poison it.
+    if not math.isfinite(float(lambda_)):
+        raise OpError(f"lambda must be finite, got {lambda_}")
 
 
 def _check_density(density: float, name: str = "density") -> None:
@@ -90,36 +100,61 @@ def _generalized_task_arithmetic(
     ``mixed = Σ_i w_i·s_i(τ_i)·m_i`` with ``m_i = [sign(w_i·s_i(τ_i)) = γ]``,
     ``γ = +1 if Σ_i w_i·s_i(τ_i) ≥ 0 else −1`` under consensus (``m_i = 1`` without); with
     ``normalize`` divided by ``Σ_i w_i·m_i`` (0 → 1; ``|Σ w| < 1e-8`` → 1 without consensus);
-    then ``× λ``.
+    then ``× λ``. ``sparsify(τ_i, i)`` returns ``(keep-mask | None, factor)``: ``s_i(τ_i) =
+    factor · τ_i ⊙ keep``.
     """
     xp = array_namespace(deltas)
+    _check_lambda(lambda_)
     k = deltas.shape[0]
+    dt = deltas.dtype.type
     wh = [float(x) for x in (weights.get() if hasattr(weights, "get") else weights)]
-    # (k, *shape): the sparsified, weighted task vectors.
-    weighted = xp.empty_like(deltas)
+    # Sparsify once per model (one RNG draw / one selection each) and keep only the bool masks:
+    # the weighted task vectors are rebuilt on the fly, so memory is not k extra float copies.
+    keeps, scales = [], []
     for i in range(k):
-        d = deltas[i] if sparsify is None else sparsify(deltas[i], i)
-        xp.multiply(d, deltas.dtype.type(wh[i]), out=weighted[i])
+        keep, factor = (None, 1.0) if sparsify is None else sparsify(deltas[i], i)
+        keeps.append(keep)
+        scales.append(dt(wh[i] * factor))
+    t = xp.empty(deltas.shape[1:], dtype=deltas.dtype)  # (*shape) w_i·s_i(τ_i) of one model
+    mixed = xp.zeros(deltas.shape[1:], dtype=deltas.dtype)
     if consensus:
-        positive = weighted.sum(axis=0) >= 0  # (*shape) elected sign, ties go to +
+        for i in range(k):
+            _masked_scale(xp, deltas[i], scales[i], keeps[i], t)
+            mixed += t
+        # γ = ±1 with ties (Σ = +0) going to +1; Σ = −0 only when every term is ±0, and then no
+        # entry agrees whatever γ is, so copysign gives mergekit's `(Σ >= 0)·2 − 1` exactly.
+        gamma = xp.copysign(dt(1), mixed, out=mixed)
         mixed = xp.zeros(deltas.shape[1:], dtype=deltas.dtype)
         divisor = xp.zeros(deltas.shape[1:], dtype=deltas.dtype)
         for i in range(k):
-            # Zeros never match the elected sign (sign(0) = 0 in mergekit's comparison).
-            agree = xp.where(positive, weighted[i] > 0, weighted[i] < 0)
-            mixed += xp.where(agree, weighted[i], 0)
-            divisor += agree * deltas.dtype.type(wh[i])
+            _masked_scale(xp, deltas[i], scales[i], keeps[i], t)
+            t *= gamma
+            agree = t > 0  # zeros never agree, as in mergekit's sign(x) == γ
+            xp.maximum(t, 0, out=t)  # |w_i s_i| where it agrees, else 0
+            mixed += t
+            divisor += agree if wh[i] == 1 else agree * dt(wh[i])
+        mixed *= gamma  # γ·Σ|agreeing| is exactly Σ agreeing (sign flips are exact)
+        del gamma
         divisor[divisor == 0] = 1
     else:
-        mixed = weighted.sum(axis=0)
+        for i in range(k):
+            _masked_scale(xp, deltas[i], scales[i], keeps[i], t)
+            mixed += t
         total = sum(wh)
         divisor = total if abs(total) >= 1e-8 else 1.0
-    del weighted
+    del t, keeps
     if normalize:
-        mixed /= divisor if not isinstance(divisor, float) else deltas.dtype.type(divisor)
+        mixed /= divisor if not isinstance(divisor, float) else dt(divisor)
     if lambda_ != 1:
-        mixed *= deltas.dtype.type(lambda_)
+        mixed *= dt(lambda_)
     return mixed
+
+
+def _masked_scale(xp, d: Array, s, keep: Array | None, out: Array) -> None:
+    """``out = s·d⊙keep`` (two plain passes: numpy's ``where=`` is ~5× slower)."""
+    xp.multiply(d, s, out=out)
+    if keep is not None:
+        xp.multiply(out, keep, out=out)
 
 
 def _bernoulli_sparsifier(
@@ -129,14 +164,13 @@ def _bernoulli_sparsifier(
     if density >= 1:
         return None  # mergekit returns the tensor untouched, with no rescale
 
-    def drop(delta: Array, i: int) -> Array:
+    def drop(delta: Array, i: int) -> tuple[Array, float]:
         keep = bernoulli_mask(delta.shape, density, rngs[i], like=delta)
-        masked = delta * keep
         if rescale == "l1":
-            return rescale_l1(delta, masked)
+            return keep, l1_factor(delta, keep)
         if rescale == "density":
-            return masked / delta.dtype.type(density)
-        return masked
+            return keep, 1.0 / density
+        return keep, 1.0
 
     return drop
 
@@ -145,7 +179,7 @@ def _magnitude_sparsifier(density: float) -> Sparsifier | None:
     """TIES's trim: keep the ``max(1, int(density·numel))`` largest magnitudes."""
     if density >= 1:
         return None
-    return lambda delta, i: delta * magnitude_mask(delta, density)
+    return lambda delta, i: (magnitude_mask(delta, density), 1.0)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -365,16 +399,27 @@ def pcb_balance(t: Array, lo: Array, hi: Array) -> Array:
     """
     xp = array_namespace(t)
     k = t.shape[0]
+    dt = t.dtype.type
     lo = xp.asarray(lo, dtype=t.dtype).reshape(k, 1)
     hi = xp.asarray(hi, dtype=t.dtype).reshape(k, 1)
     mmin = xp.minimum(lo, hi)  # torch.clamp(min > max) gives max everywhere
     span = hi - mmin
     safe = xp.where(span > 0, span, 1)
-    m = xp.minimum(xp.maximum(xp.abs(t), lo), hi)  # (k, m) clipped magnitudes
-    norm = xp.where(span > 0, (m - mmin) / safe, 0)
-    intra = xp.exp(t.dtype.type(k) * norm * norm)
-    inter = xp.tanh(t * t.sum(axis=0, keepdims=True))  # signed: conflicts score negative
-    return intra * inter
+    live = (span > 0).astype(t.dtype)  # 0 for a constant row: minmax := 0, intra = 1
+    # Two (k, m) buffers, updated in place, in the reference's order of operations.
+    a = xp.abs(t)
+    xp.maximum(a, lo, out=a)
+    xp.minimum(a, hi, out=a)  # M, the clipped magnitudes
+    a -= mmin
+    a /= safe
+    a *= live
+    a *= a
+    a *= dt(k)
+    xp.exp(a, out=a)  # intra
+    b = t * t.sum(axis=0, keepdims=True)
+    xp.tanh(b, out=b)  # inter: signed, conflicts score negative
+    a *= b
+    return a
 
 
 def pcb_scale(t: Array, stats: PCBStats) -> Array:
@@ -388,22 +433,31 @@ def pcb_scale(t: Array, stats: PCBStats) -> Array:
     k = t.shape[0]
     col = lambda a: xp.asarray(a, dtype=t.dtype).reshape(k, 1)  # noqa: E731
     thr, top = col(stats.thr), col(stats.top)
-    bal = pcb_balance(t, stats.lo, stats.hi)  # (k, m)
     span = top - thr
-    return xp.where(span > 0, (xp.maximum(bal, thr) - thr) / xp.where(span > 0, span, 1), 1)
+    bal = pcb_balance(t, stats.lo, stats.hi)  # (k, m), turned into the scale in place
+    xp.maximum(bal, thr, out=bal)
+    bal -= thr
+    bal /= xp.where(span > 0, span, 1)
+    dead = xp.flatnonzero(span.reshape(-1) <= 0)
+    if dead.size:  # a constant row: the official 0/0; the task enters a plain mean instead
+        bal[dead] = 1
+    return bal
 
 
 def _local_stats(t: Array, density: float, clip: float) -> PCBStats:
     """PCB's statistics when ``t (k, d)`` is the whole model (exact selection, no sort)."""
     xp = array_namespace(t)
     d = t.shape[1]
+    buf = xp.abs(t)  # (k, d), reused for the balance scores
     mr = _magnitude_ranks(clip)(d)
-    mag = xp.partition(xp.abs(t), mr, axis=1)[:, mr]  # (k, 2)
-    lo, hi = mag[:, 0], mag[:, 1]
+    buf.partition(mr, axis=1)  # in place: one O(d) selection per row
+    lo, hi = buf[:, mr[0]].copy(), buf[:, mr[1]].copy()
+    for j in range(0, d, _BLOCK):
+        buf[:, j : j + _BLOCK] = pcb_balance(t[:, j : j + _BLOCK], lo, hi)
     br = _balance_ranks(density)(d)
-    bal = xp.partition(pcb_balance(t, lo, hi), br, axis=1)[:, br]  # (k, 2)
+    buf.partition(br, axis=1)
     h = lambda a: a.get() if hasattr(a, "get") else np.asarray(a)  # noqa: E731
-    return PCBStats(h(lo), h(hi), h(bal[:, 0]), h(bal[:, 1]))
+    return PCBStats(h(lo), h(hi), h(buf[:, br[0]]), h(buf[:, br[1]]))
 
 
 def pcb_magnitude_bounds(
@@ -415,7 +469,8 @@ def pcb_magnitude_bounds(
     stream is read two or three times and never concatenated.
     """
     _check_pcb(0.5, clip)
-    vals = kth_smallest(lambda: (_abs(c) for c in chunks()), _magnitude_ranks(clip))
+    xp_abs = lambda c: array_namespace(c).abs(c)  # noqa: E731
+    vals = kth_smallest(lambda: map(xp_abs, _blocks(chunks())), _magnitude_ranks(clip))
     return vals[:, 0], vals[:, 1]
 
 
@@ -429,7 +484,7 @@ def pcb_balance_bounds(
     """Return the per-task drop threshold and maximum of PCB's balance scores over a stream."""
     _check_density(density)
     vals = kth_smallest(
-        lambda: (pcb_balance(_flat(c), lo, hi) for c in chunks()), _balance_ranks(density)
+        lambda: (pcb_balance(c, lo, hi) for c in _blocks(chunks())), _balance_ranks(density)
     )
     return vals[:, 0], vals[:, 1]
 
@@ -461,9 +516,12 @@ def _flat(c: Array) -> Array:
     return c.reshape(c.shape[0], -1)
 
 
-def _abs(c: Array) -> Array:
-    xp = array_namespace(c)
-    return xp.abs(_flat(c))
+def _blocks(chunks: Iterable[Array]) -> Iterator[Array]:
+    """``(k, m)`` column blocks of at most ``_BLOCK`` entries from ``(k, *shape)`` chunks."""
+    for c in chunks:
+        f = _flat(c)
+        for j in range(0, f.shape[1], _BLOCK):
+            yield f[:, j : j + _BLOCK]
 
 
 def pcb(
@@ -510,6 +568,7 @@ def pcb(
     """
     xp, w = _check_inputs(deltas, weights)
     _check_pcb(density, clip)
+    _check_lambda(lambda_)
     if scope not in ("model", "tensor"):
         raise OpError(f"scope must be one of model, tensor, got {scope!r}")
     k = deltas.shape[0]
@@ -518,11 +577,18 @@ def pcb(
         stats = _local_stats(t, density, clip)
     if len(stats.lo) != k:
         raise OpError(f"stats are for {len(stats.lo)} models, got {k}")
-    scale = pcb_scale(t, stats)  # (k, d)
     col = lambda a: xp.asarray(a, dtype=t.dtype).reshape(k, 1)  # noqa: E731
     lo, hi = col(stats.lo), col(stats.hi)
-    tc = xp.sign(t) * xp.minimum(xp.maximum(xp.abs(t), lo), hi)  # (k, d) clipped task vectors
     lam = w.reshape(k, 1) * t.dtype.type(lambda_)
-    num = (lam * tc * scale).sum(axis=0)
-    den = xp.maximum(scale.sum(axis=0), t.dtype.type(1e-12))
-    return (num / den).reshape(deltas.shape[1:])
+    out = xp.empty(t.shape[1], dtype=t.dtype)  # (d,)
+    # Every step is per column given the statistics: blocks bound the temporaries.
+    for j in range(0, t.shape[1], _BLOCK):
+        tb = t[:, j : j + _BLOCK]
+        scale = pcb_scale(tb, stats)  # (k, b)
+        tc = xp.minimum(xp.maximum(xp.abs(tb), lo), hi)
+        tc *= xp.sign(tb)  # clipped task vectors T_c
+        tc *= lam
+        tc *= scale
+        den = xp.maximum(scale.sum(axis=0), t.dtype.type(1e-12))
+        xp.divide(tc.sum(axis=0), den, out=out[j : j + _BLOCK])
+    return out.reshape(deltas.shape[1:])

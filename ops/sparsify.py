@@ -20,6 +20,7 @@ from .backend import Array, OpError, array_namespace
 __all__ = [
     "bernoulli_mask",
     "kth_smallest",
+    "l1_factor",
     "magnitude_mask",
     "rescale_l1",
     "sortable_keys",
@@ -53,20 +54,22 @@ def magnitude_mask(x: Array, density: float) -> Array:
         ``(*shape)`` bool mask.
     """
     xp = array_namespace(x)
-    mag = xp.abs(x).reshape(-1)  # (numel,) a copy, partition may reorder it
-    n = mag.size
+    flat = x.reshape(-1)
+    n = flat.size
     k = topk_count(n, density)
     if k >= n:
         return xp.ones(x.shape, dtype=bool)
-    # The k-th largest magnitude is the (n-k)-th smallest: one O(n) selection, no sort.
-    thr = xp.partition(mag, n - k)[n - k]
-    mag = xp.abs(x).reshape(-1)
-    mask = mag > thr
-    missing = k - int(mask.sum())
-    if missing > 0:
-        # Fill up to exactly k with the first entries equal to the threshold.
-        eq = xp.flatnonzero(mag == thr)[:missing]
-        mask[eq] = True
+    mag = xp.abs(flat)  # (numel,)
+    # The k-th largest magnitude is the (n-k)-th smallest: one O(n) selection in place, no sort.
+    mag.partition(n - k)
+    thr = mag[n - k].copy()
+    xp.abs(flat, out=mag)
+    mask = mag >= thr
+    extra = int(xp.count_nonzero(mask)) - k
+    if extra > 0:
+        # Ties at the threshold: keep only the first (lowest-index) ones, k entries in all.
+        eq = xp.flatnonzero(mag == thr)
+        mask[eq[eq.size - extra :]] = False
     return mask.reshape(x.shape)
 
 
@@ -89,6 +92,24 @@ def bernoulli_mask(
     mask = rng.random(shape, dtype=np.float32) < np.float32(density)
     xp = array_namespace(like) if like is not None else np
     return xp.asarray(mask)
+
+
+def l1_factor(x: Array, keep: Array, eps: float = 1e-7) -> float:
+    """Return ``‖x‖₁ / ‖x ⊙ keep‖₁``, or 1 when either norm is below ``eps`` (mergekit's rule).
+
+    Norms are summed in float64 so long tensors do not lose precision.
+    """
+    xp = array_namespace(x, keep)
+    a = xp.abs(x)
+    before = float(a.sum(dtype=xp.float64))
+    after = (
+        float(xp.sum(a, dtype=xp.float64, where=keep))
+        if xp is np
+        else float((a * keep).sum(dtype=xp.float64))
+    )
+    if before < eps or after < eps:
+        return 1.0
+    return before / after
 
 
 def rescale_l1(x: Array, masked: Array, eps: float = 1e-7) -> Array:

@@ -237,15 +237,28 @@ def _preflight(base: Checkpoint, models: list[Checkpoint], sources: list[str]) -
 # --------------------------------------------------------------------------- per-tensor work
 
 
+def _load32(ckpt: Checkpoint, name: str, device: str):
+    """One tensor as fp32 ``(out, in)``; bf16 on the CPU is widened by a bit shift (exact, ~2×
+    faster than torch's conversion on CPUs without native bf16)."""
+    if device == "cpu" and ckpt.dtype(name) == "BF16":
+        import torch
+
+        bits = ckpt.get(name).contiguous().view(torch.int16).numpy().view(np.uint16)
+        wide = bits.astype(np.uint32)
+        wide <<= np.uint32(16)
+        return wide.view(np.float32)
+    return load(ckpt, name, device)
+
+
 def _deltas(base: Checkpoint, models: Sequence[Checkpoint], name: str, device: str):
     """``(θ_0 fp32 (*shape), τ fp32 (k, *shape))`` for one tensor, one model loaded at a time."""
     from ops.backend import array_namespace
 
-    b = load(base, name, device)
+    b = _load32(base, name, device)
     xp = array_namespace(b)
     deltas = xp.empty((len(models), *b.shape), dtype=b.dtype)
     for i, m in enumerate(models):
-        xp.subtract(load(m, name, device), b, out=deltas[i])
+        xp.subtract(_load32(m, name, device), b, out=deltas[i])
     return b, deltas
 
 
@@ -269,17 +282,13 @@ def _merge_task(
     if not bool(xp.any(deltas)):
         # No model changed this tensor: the base's bytes (every method maps τ = 0 to δ = 0).
         return TensorResult(name, tensor=store(base, name, b, out_dt), report={"action": "same"})
+    del b  # reloaded below: keeps the peak at k + 1 fp32 copies while the kernel runs
     rng = [host_rng(seed, name, i) for i in range(len(models))]
     w = xp.asarray(np.asarray(weights, dtype=np.float32))
     delta = call(fn, name, base.shape(name), deltas, w, rng=rng, **params)
     del deltas
-    delta += b  # θ = θ_0 + δ, in place
-    changed = float(xp.abs(delta - b).max()) if delta.size else 0.0
-    return TensorResult(
-        name,
-        tensor=store(base, name, delta, out_dt),
-        report={"action": "merged", "max_abs": changed},
-    )
+    delta += _load32(base, name, device)  # θ = θ_0 + δ, in place
+    return TensorResult(name, tensor=store(base, name, delta, out_dt), report={"action": "merged"})
 
 
 def _stream(base: Checkpoint, models: Sequence[Checkpoint], names: list[str], device: str):

@@ -435,3 +435,17 @@ def test_bad_shapes_and_rngs():
         M.ties(d, np.ones(2))
     with pytest.raises(OpError, match="one generator per model: got 1 for 3 models"):
         M.dare_linear(d, np.ones(3), rng=rngs(0, "b", 1))
+
+
+def test_pcb_blocking_does_not_change_the_result(xp, monkeypatch):
+    t = rand_deltas(21, k=3, shape=(40, 33))
+    stats = M.pcb_reduce(lambda: iter([xp.asarray(t)]), density=0.1, clip=1e-2)
+    a = to_host(M.pcb(xp.asarray(t), xp.ones(3), density=0.1, clip=1e-2))
+    b = to_host(M.pcb(xp.asarray(t), xp.ones(3), density=0.1, clip=1e-2, stats=stats))
+    monkeypatch.setattr(M, "_BLOCK", 7)  # many column blocks, a ragged last one
+    c = to_host(M.pcb(xp.asarray(t), xp.ones(3), density=0.1, clip=1e-2))
+    stats7 = M.pcb_reduce(lambda: iter([xp.asarray(t)]), density=0.1, clip=1e-2)
+    for f in ("lo", "hi", "thr", "top"):
+        np.testing.assert_array_equal(getattr(stats7, f), getattr(stats, f))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
