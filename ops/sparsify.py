@@ -59,11 +59,16 @@ def magnitude_mask(x: Array, density: float) -> Array:
     k = topk_count(n, density)
     if k >= n:
         return xp.ones(x.shape, dtype=bool)
-    mag = xp.abs(flat)  # (numel,)
+    # |x| as integers: the float bits without the sign bit order like the magnitudes (NaN aside),
+    # and numpy's introselect runs ~1.6x faster on integers than on floats.
+    itype = xp.int32 if x.dtype.itemsize == 4 else xp.int64
+    no_sign = itype(0x7FFFFFFF if x.dtype.itemsize == 4 else 0x7FFFFFFFFFFFFFFF)
+    bits = xp.ascontiguousarray(flat).view(itype)
+    mag = xp.bitwise_and(bits, no_sign)  # (numel,)
     # The k-th largest magnitude is the (n-k)-th smallest: one O(n) selection in place, no sort.
     mag.partition(n - k)
     thr = mag[n - k].copy()
-    xp.abs(flat, out=mag)
+    xp.bitwise_and(bits, no_sign, out=mag)
     mask = mag >= thr
     extra = int(xp.count_nonzero(mask)) - k
     if extra > 0:
