@@ -379,7 +379,10 @@ def plot_report(
         if annotate and finite.size:
             for (i, j), v in np.ndenumerate(grid):
                 if math.isfinite(v):
-                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6, color="gray")
+                    # Light text on the dark end of the colour map, dark text elsewhere.
+                    dark = im.norm(shown[i, j]) > 0.6 if math.isfinite(shown[i, j]) else False
+                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6,
+                            color="white" if dark else "black")  # fmt: skip
         ax.set_xticks(range(len(types)))
         ax.set_xticklabels(types, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(ylabels)))
