@@ -193,7 +193,11 @@ def targets_module(config: Mapping[str, Any], module: str) -> bool:
         return False
     tm = config.get("target_modules")
     if tm is None:
-        return False
+        # PEFT falls back to its per-architecture defaults (q_proj, v_proj for Llama): accept
+        # the key set as written (it cannot be checked without the architecture table).
+        return True
+    if tm == "all-linear":  # PEFT's shorthand: every linear layer except the output head
+        return module.rsplit(".", 1)[-1] not in ("lm_head", "embed_out", "score", "classifier")
     if isinstance(tm, str):
         try:
             return re.fullmatch(tm, module) is not None

@@ -384,3 +384,11 @@ def test_decompose_output_folder_resolves_to_adapter(tmp_path):
     mixed().save(tmp_path / "out" / "adapter")
     assert Adapter.load(tmp_path / "out").path == tmp_path / "out" / "adapter"
     assert Adapter.load(tmp_path / "out" / "adapter" / ADAPTER_WEIGHTS).rank(UP1) == 8
+
+
+def test_read_target_modules_fallbacks(tmp_path):
+    # no target_modules: PEFT uses its per-architecture default; "all-linear": every linear layer
+    for i, tm in enumerate((None, "all-linear")):
+        c = {k: v for k, v in cfg(target_modules=tm).items() if v is not None}
+        ad = Adapter.load(write_raw(tmp_path / f"a{i}", {**ab(Q0), **ab(UP1, out=48)}, c))
+        assert set(ad.modules) == {Q0, UP1}

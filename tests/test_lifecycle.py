@@ -577,3 +577,31 @@ def test_checkpoint_without_wrapper_prefix_gpt2(tmp_path, bases):
     out = apply(stripped, a, out=tmp_path / "m")
     got = Checkpoint.open(out)
     assert torch.allclose(got.raw(m + ".weight"), ref["transformer." + m + ".weight"], atol=2e-6)
+
+
+def test_decompose_outputs_through_the_lifecycle(tmp_path, bases):
+    """`surgery decompose` outputs: KaSA converts to a LoRA of the original base; PiSSA is
+    refused by port (its adapter belongs to the residual); apply(residual, adapter) == base."""
+    from surgery.decompose import decompose
+
+    old = Checkpoint.open(bases["old"])
+    k = decompose(str(bases["old"]), method="kasa", rank=4, out=tmp_path / "kasa", seed=1)
+    # a "trained" KaSA adapter: perturb B (B = 0 at init) and keep it beside the residual
+    ad = Adapter.load(k / "adapter")
+    g = torch.Generator().manual_seed(0)
+    for m, x in ad.modules.items():
+        ad.modules[m] = LowRank(A=x.A, B=torch.randn(x.B.shape, generator=g) * 0.1, scale=x.scale)
+    ad.save(k / "adapter")
+    out = convert(str(k / "adapter"), base=bases["old"], out=tmp_path / "plain")
+    ref = Checkpoint.open(apply(k, k / "adapter", out=tmp_path / "r1"))  # truncated base + ΔW
+    got = Checkpoint.open(apply(bases["old"], out, out=tmp_path / "r2"))  # original + plain
+    for m in ad.modules:
+        n = f"{m}.weight"
+        assert torch.allclose(got.get(n), ref.get(n), atol=5e-6, rtol=0), n
+    p = decompose(str(bases["old"]), method="pissa", rank=4, out=tmp_path / "pissa")
+    with pytest.raises(SurgeryError, match="decompose -m pissa"):
+        port(str(p / "adapter"), to=bases["new"], out=tmp_path / "x")
+    back = Checkpoint.open(apply(p, p / "adapter", out=tmp_path / "r3"))
+    for m in Adapter.load(p / "adapter").modules:
+        n = f"{m}.weight"
+        assert torch.allclose(back.get(n), old.get(n), atol=1e-5, rtol=0), n
