@@ -145,18 +145,18 @@ def to_xp(t: torch.Tensor, device: str = "cpu", dtype: str = "float32") -> Array
     if t.dtype != tdtype:
         t = t.to(tdtype)
     if device == "gpu":
-        import cupy
+        from .cuda import torch_to_device  # DLPack, or pinned staging in the stored dtype
 
-        if t.is_cuda:
-            return cupy.from_dlpack(t.contiguous())
-        return cupy.asarray(t.contiguous().numpy())
+        return torch_to_device(t, dtype)
     return t.cpu().contiguous().numpy()
 
 
 def to_host(x: Array) -> np.ndarray:
     """Return a numpy array (copies from the GPU when ``x`` is a cupy array)."""
     if _is_cupy(x):
-        return x.get()
+        from .cuda import to_host as _pinned
+
+        return _pinned(x)
     return np.asarray(x)
 
 
@@ -164,6 +164,10 @@ def to_torch(x: Array, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Convert an xp array to a CPU torch tensor, cast to ``dtype`` when given."""
     import torch
 
+    if _is_cupy(x):
+        from .cuda import to_torch as _narrow  # bf16/fp16 rounding on the device, half the bytes
+
+        return _narrow(x, dtype)
     t = torch.from_numpy(np.ascontiguousarray(to_host(x)))
     return t.to(dtype) if dtype is not None and t.dtype != dtype else t
 

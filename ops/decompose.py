@@ -150,7 +150,12 @@ def _cholesky(c: Array) -> Array | None:
     """Lower Cholesky factor of ``c`` or ``None`` when it is not (numerically) positive definite."""
     xp = array_namespace(c)
     try:
-        lo = xp.linalg.cholesky(c)
+        if xp is np:
+            lo = xp.linalg.cholesky(c)
+        else:  # cupy ignores potrf's devInfo unless asked: ops.cuda.cholesky checks it
+            from .cuda import cholesky
+
+            lo = cholesky(c)
     except np.linalg.LinAlgError:
         return None
     except Exception as e:  # cupy raises its own LinAlgError class

@@ -44,6 +44,10 @@ def svd(w: Array) -> tuple[Array, Array, Array]:
     xp = array_namespace(w)
     if w.ndim != 2:
         raise OpError(f"svd expects a 2-D matrix, got shape {tuple(w.shape)}")
+    if xp is not np:  # GPU: the gated fp64 Gram route or cuSOLVER gesvd (ops/cuda.py)
+        from .cuda import svd as gpu_svd
+
+        return gpu_svd(w)
     try:
         u, s, vh = xp.linalg.svd(w, full_matrices=False)
     except np.linalg.LinAlgError:
@@ -142,6 +146,10 @@ def svd_topk(
     if niter is None:
         niter = 4 if use_randomized(tuple(w.shape), k) else 0
     if niter == 0:
+        if array_namespace(w) is not np:  # GPU: only κ of the top k matters (ops/cuda.py)
+            from .cuda import svd_topk_exact
+
+            return svd_topk_exact(w, k)
         u, s, vh = svd(w)
         return u[:, :k], s[:k], vh[:k]
     return randomized_svd(w, k, niter=niter, rng=rng)

@@ -115,6 +115,12 @@ def _generalized_task_arithmetic(
         keep, factor = (None, 1.0) if sparsify is None else sparsify(deltas[i], i)
         keeps.append(keep)
         scales.append(dt(wh[i] * factor))
+    if xp is not np:  # GPU: the same steps fused into one kernel, bit-identical (ops/cuda.py)
+        from .cuda import gta
+
+        return gta(
+            deltas, keeps, scales, wh, consensus=consensus, normalize=normalize, lambda_=lambda_
+        )
     t = xp.empty(deltas.shape[1:], dtype=deltas.dtype)  # (*shape) w_i·s_i(τ_i) of one model
     mixed = xp.zeros(deltas.shape[1:], dtype=deltas.dtype)
     if consensus:
@@ -398,6 +404,10 @@ def pcb_balance(t: Array, lo: Array, hi: Array) -> Array:
         hi: ``(k,)`` upper magnitude clip per task.
     """
     xp = array_namespace(t)
+    if xp is not np:  # GPU: one fused kernel, no (k, m) temporaries (ops/cuda.py)
+        from .cuda import pcb_balance as gpu_balance
+
+        return gpu_balance(t, lo, hi)
     k = t.shape[0]
     dt = t.dtype.type
     lo = xp.asarray(lo, dtype=t.dtype).reshape(k, 1)
@@ -577,6 +587,10 @@ def pcb(
         stats = _local_stats(t, density, clip)
     if len(stats.lo) != k:
         raise OpError(f"stats are for {len(stats.lo)} models, got {k}")
+    if xp is not np:  # GPU: balance, scale and the weighted mean fused per column (ops/cuda.py)
+        from .cuda import pcb_merge
+
+        return pcb_merge(t, stats, w, lambda_).reshape(deltas.shape[1:])
     col = lambda a: xp.asarray(a, dtype=t.dtype).reshape(k, 1)  # noqa: E731
     lo, hi = col(stats.lo), col(stats.hi)
     lam = w.reshape(k, 1) * t.dtype.type(lambda_)
