@@ -342,6 +342,7 @@ def report(
     lowrank: LowRank,
     *,
     max_values: int = 32,
+    dropped_values: int = 0,
 ) -> dict[str, float | int | list[float]]:
     """Summarise one decomposition as plain floats for ``surgery.json``.
 
@@ -354,7 +355,9 @@ def report(
     * ``energy_dropped`` = ``‖E‖²_F / ‖W‖²_F``: what the output loses (rounding for PiSSA/CorDA,
       the truncated tail for KaSA, the unexplained part of the task vector for extraction);
     * ``rel_error`` = ``‖E‖_F / ‖W‖_F``, the reconstruction error of ``residual + Δ`` against W;
-    * ``max_abs_error`` = ``max |E|``.
+    * ``max_abs_error`` = ``max |E|``;
+    * ``sigma_dropped`` (only with ``dropped_values > 0``): the largest singular values of E (for
+      KaSA, exactly the dropped components), by a randomized top-k SVD: one extra pass over E.
 
     Pass the residual as it will be stored (e.g. cast to bf16 and back) to report the stored error.
 
@@ -363,6 +366,7 @@ def report(
         residual: ``(out, in)`` residual or ``None``.
         lowrank: the adapter.
         max_values: how many singular values to list.
+        dropped_values: how many singular values of E to list (0: skip, saving an SVD).
 
     Returns:
         A JSON-ready dict.
@@ -375,7 +379,7 @@ def report(
     d2 = float(xp.sum(delta.astype(xp.float64) ** 2))
     sig = to_host(_sigma_lowrank(lowrank)).astype(np.float64)
     denom = norm2 if norm2 > 0 else 1.0
-    return {
+    out = {
         "rank": lowrank.rank,
         "scale": float(lowrank.scale),
         "norm": math.sqrt(norm2),
@@ -385,6 +389,12 @@ def report(
         "rel_error": math.sqrt(err2 / denom),
         "max_abs_error": float(xp.max(xp.abs(e))) if e.size else 0.0,
     }
+    k = min(int(dropped_values), *e.shape)
+    if k > 0:
+        # niter=2 is exact for a rank-≤k E (KaSA's tail) and near-optimal otherwise.
+        s_e = svd_topk(e, k, niter=2, rng=np.random.default_rng(0))[1]
+        out["sigma_dropped"] = [float(f"{v:.6g}") for v in to_host(s_e).astype(np.float64)]
+    return out
 
 
 def _eligible(spectra: Sequence[Array], normalize: bool) -> list[np.ndarray]:

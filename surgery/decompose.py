@@ -57,6 +57,8 @@ __all__ = ["decompose", "extract"]
 log = logging.getLogger("surgery")
 MAX_LINES = 20  # problems listed in one preflight error
 N_DROPPED = 8  # dropped singular values listed per module when they are known
+# Methods whose residual + adapter deliberately differs from W (the report lists what was dropped).
+_TRUNCATING = frozenset({"kasa"})
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -93,6 +95,18 @@ def _host_lowrank(lr):
 
 def _needs(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
+
+
+def _svd_mode(fn, params: dict[str, Any], shape: tuple[int, int], r: int) -> str:
+    """Which SVD a kernel ran for this module: ``exact`` or ``randomized(p=10,q=N)``."""
+    from ops.linalg import use_randomized
+
+    niter = params.get("niter")
+    if niter is None or not _needs(fn, "niter") or params.get("mode") == "kpm":
+        return "exact"
+    if niter == -1:
+        return "randomized(p=10,q=4)" if use_randomized(tuple(shape), r) else "exact"
+    return "exact" if niter == 0 else f"randomized(p=10,q={niter})"
 
 
 def _check_values(m: Method, params: dict[str, Any], extra: dict[str, Any]) -> list[str]:
@@ -195,9 +209,10 @@ def _decompose_task(
     out_dt = out_dtype_name(dtype, ckpt.dtype(name))
     t = to_torch(residual, torch_dtype(out_dt))  # (out, in) in the output dtype
     # Errors are those of the stored residual (bf16 rounding included), not of the fp32 one.
-    rep = report(w, to_xp(t, device), lr)
+    truncating = getattr(fn, "__name__", "") in _TRUNCATING
+    rep = report(w, to_xp(t, device), lr, dropped_values=min(rank, N_DROPPED) if truncating else 0)
     out_f, in_f = ckpt.shape(name)
-    rep.update(out=out_f, **{"in": in_f})
+    rep.update(out=out_f, svd=_svd_mode(fn, params, (out_f, in_f), rank), **{"in": in_f})
     return TensorResult(name, tensor=ckpt.to_stored(name, t), lowrank=_host_lowrank(lr), report=rep)
 
 
@@ -383,7 +398,7 @@ def _extract_task(
                      **params)  # fmt: skip
         sigma = spectra.get(name) if spectra is not None else None
     rep = report(d, None, lr)
-    rep.update(head)
+    rep.update(head, svd="exact" if energy is not None else _svd_mode(fn, params, (out_f, in_f), r))
     if sigma is not None:
         rep["sigma_dropped"] = [float(f"{v:.6g}") for v in sigma[r : r + N_DROPPED]]
     return TensorResult(name, lowrank=_host_lowrank(lr), report=rep)

@@ -83,6 +83,7 @@ def test_decompose_roundtrip_llama_through_peft(tmp_path, method):
     assert len(man["tensors"]) == 14 and man["summary"]["max_rel_error"] < 1e-6
     for t in man["tensors"]:
         assert len(t["sigma_kept"]) == 4 and t["energy_adapter"] > 0
+        assert t["svd"] == "exact" and "sigma_dropped" not in t  # 32-wide: exact by the rule
     # untouched tensors are byte-identical copies
     a, b = Checkpoint.open(src), Checkpoint.open(out)
     for n in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
@@ -159,6 +160,8 @@ def test_kasa_truncates_once_and_adapter_is_zero(tmp_path):
     assert row["rel_error"] == pytest.approx(
         math.sqrt((s[-4:] ** 2).sum() / (s**2).sum()), rel=1e-3
     )
+    np.testing.assert_allclose(sorted(row["sigma_dropped"]), sorted(s[-4:]), rtol=1e-3)
+    assert row["svd"] == "exact"
 
 
 def test_decompose_bf16_reports_stored_error(tmp_path):

@@ -433,7 +433,8 @@ def test_report_figures():
     rep = report(w, None, ex)
     assert rep["energy_dropped"] == pytest.approx(np.sum(s[4:] ** 2) / tot, rel=1e-10)
     base, ka = kasa(w, rank=4, rng=rng)
-    rep = report(w, base, ka)
+    rep = report(w, base, ka, dropped_values=4)
+    np.testing.assert_allclose(sorted(rep["sigma_dropped"]), sorted(s[-4:]), rtol=1e-5)
     assert rep["rel_error"] == pytest.approx(math.sqrt(np.sum(s[-4:] ** 2) / tot), rel=1e-9)
     assert rep["energy_adapter"] == 0.0 and rep["sigma_kept"] == [0.0] * 4
 
