@@ -248,6 +248,8 @@ def apply(base: str, adapter: str, **options: Any) -> Path | Plan:
         )
     ckpt = Checkpoint.open(base)
     problems = _check_modules(ad, ckpt, "the base")
+    problems += [f"{m}: DoRA on an embedding is not supported" for m in ad.magnitude
+                 if m in ad.embeddings]  # fmt: skip
     roles: dict[str, tuple[str, str]] = {}
     for m in ad.modules:
         roles[resolve_weight(ckpt, m) or f"{m}.weight"] = ("weight", m)
@@ -829,6 +831,11 @@ def convert(
                 "dropped the full embedding copies PEFT saved beside the embedding "
                 "LoRA (base_layer.weight); serve on the same base vocabulary"
             )
+    if ad.bias:
+        problems.append(
+            f"lora_B.bias tensors ({len(ad.bias)} modules): serving engines reject lora_bias "
+            "adapters (vLLM: 'unsupported LoRA weight'); fold them with `surgery apply` instead"
+        )
     origin = _decompose_origin(ad)
     is_kasa = ad.flavour == "kasa" or (origin or {}).get("method") == "kasa"
     init_ad = None

@@ -426,6 +426,9 @@ def test_convert_refusals(tmp_path, bases):
     with pytest.raises(SurgeryError) as e:
         convert(str(trained), init=str(other), out=tmp_path / "x")
     assert str(e.value).count("only in the adapter") == 2
+    biased = Adapter(modules={Q0: lr(32, 32, 4, 2.0, 0)}, bias={Q0: torch.ones(32)})
+    with pytest.raises(SurgeryError, match="lora_B.bias.*surgery apply"):
+        convert(str(biased.save(tmp_path / "bias")), out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
