@@ -460,14 +460,22 @@ def port(
                 "adapter is ported with its own factors"
             )
         if ad.E:
-            ad = ad.fold()  # AdaLoRA: additive, base-independent once E is folded
-        if ad.full:
-            warnings.append(
-                f"dropped {len(ad.full)} full tensor(s) stored in the adapter "
-                f"({', '.join(sorted(ad.full)[:3])}): they are copies of old-base "
-                "weights"
+            path, ad = ad.path, ad.fold()  # AdaLoRA: additive, base-independent once E is folded
+            ad.path = path
+        copies = {f"{m}.weight" for m in ad.embeddings} & set(ad.full)
+        saved = sorted(set(ad.full) - copies)
+        if saved:
+            problems.append(
+                f"modules_to_save tensors ({', '.join(saved[:3])}) replace whole weights; they "
+                "are not a low-rank patch PortLLM can carry. Drop them from the adapter, or "
+                "apply it to the old base and port the full fine-tune (--from OLD)"
             )
-            ad.full = {}
+        if copies:
+            warnings.append(
+                f"dropped the embedding copies PEFT saved beside the embedding LoRA "
+                f"({', '.join(sorted(copies))}): they are old-base weights"
+            )
+        ad.full = {}
         names, pads = [], {}
         modmap: dict[str, tuple[str, str | None]] | None = {}
         for m in sorted(ad.modules):
@@ -1062,6 +1070,11 @@ def merge_adapters(
     if rank is not None and rank < 1:
         problems.append(f"-r must be ≥ 1, got {rank}")
     for i, a in enumerate(ads):
+        saved = sorted(set(a.full) - {f"{m}.weight" for m in a.embeddings})
+        if saved or a.bias:
+            what = f"modules_to_save tensors ({', '.join(saved[:3])})" if saved else "lora_B.bias"
+            problems.append(f"{a.path}: {what} cannot be merged in delta space; fold the "
+                            "adapters with `surgery apply` and merge the full models")  # fmt: skip
         reason = _base_dependence(a)
         if reason is not None:
             problems.append(f"{a.path}: {_convert_hint(reason)}")
