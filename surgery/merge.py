@@ -364,7 +364,11 @@ def merge(
         weights = list(weights) if weights else cfg["weights"]
         given = dict(cfg["params"])
         if isinstance(params, list):
-            given.update(dict(kv.split("=", 1) for kv in params if "=" in kv))
+            for kv in params:
+                if "=" not in kv:
+                    raise SurgeryError(f"-p expects key=value, got {kv!r}")
+                key, value = kv.split("=", 1)
+                given[key.strip()] = value.strip()
         elif params:
             given.update(params)
         params = given
