@@ -164,6 +164,7 @@ def to_host(x: Array) -> np.ndarray:
 
     if x.size == 0:
         return x.get()
+    x = cp().ascontiguousarray(x)  # get(out=) needs matching C layouts
     out = cupyx.empty_pinned(x.shape, dtype=x.dtype)
     x.get(out=out)
     return out

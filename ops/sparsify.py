@@ -105,13 +105,14 @@ def l1_factor(x: Array, keep: Array, eps: float = 1e-7) -> float:
     Norms are summed in float64 so long tensors do not lose precision.
     """
     xp = array_namespace(x, keep)
-    a = xp.abs(x)
-    before = float(a.sum(dtype=xp.float64))
-    after = (
-        float(xp.sum(a, dtype=xp.float64, where=keep))
-        if xp is np
-        else float((a * keep).sum(dtype=xp.float64))
-    )
+    if xp is np:
+        a = xp.abs(x)
+        before = float(a.sum(dtype=xp.float64))
+        after = float(xp.sum(a, dtype=xp.float64, where=keep))
+    else:  # GPU: two fused float64 reductions, no |x| temporary (ops/cuda.py)
+        from .cuda import l1_norms
+
+        before, after = l1_norms(x, keep)
     if before < eps or after < eps:
         return 1.0
     return before / after
