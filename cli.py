@@ -333,7 +333,7 @@ def calib_progress(quiet: bool):
             state["bar"] = None
 
     def progress(p) -> None:
-        if quiet:
+        if quiet or not sys.stderr.isatty():  # no bar in logs; -v logs the rates per pass
             return
         if state["bar"] is None or p.group != state["group"]:
             close()
@@ -400,12 +400,32 @@ def calibrate(src, out, calib, no_cache, dry_run, quiet, **kw):
 @click.option("--alpha", type=float, default=None, help="lora_alpha (default: the rank).")
 @click.option("-p", "--param", "params", multiple=True, help="key=value method parameter.")
 @click.option("--stats", default=None, help="Stats safetensors with <module>.cov (CorDA).")
-@click.option("--calib", default=None, help="JSONL to compute the CorDA stats from (cached).")
+@calib_options
 @writing_options
 def decompose(src, method, rank, alpha, params, stats, calib, quiet, **common):
     """Split SRC into a residual model (OUT) and a PEFT adapter (OUT/adapter)."""
     from surgery.decompose import decompose as api_fn
 
+    keys = ("samples", "seq_len", "batch_size", "max_tokens", "cov_norm", "cov_dtype",
+            "max_memory", "tokenizer", "config")  # fmt: skip
+    ckw = {k: common.pop(k) for k in keys}
+    no_cache = common.pop("no_cache")
+    if calib and stats is None:
+        # --calib: calibrate first (stats kept beside OUT as OUT.stats.safetensors), then --stats.
+        from surgery.calibrate import calibrate_beside
+
+        progress, close = calib_progress(quiet)
+        try:
+            stats, lines = calibrate_beside(
+                src, calib, common["out"], method=method, dry_run=common["dry_run"],
+                no_cache=no_cache, targets=common["targets"], exclude=common["exclude"],
+                layers=common["layers"], device=common["device"], progress=progress, **ckw,
+            )  # fmt: skip
+        finally:
+            close()
+        for line in lines if common["dry_run"] else []:
+            click.echo(line)
+        calib = None if stats else calib
     run_verb(api_fn, src, method=method, rank=rank, alpha=alpha, params=list(params),
              stats=stats, calib=calib, quiet=quiet, **common)  # fmt: skip
 

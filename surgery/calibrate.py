@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "calibrate",
+    "calibrate_beside",
+    "stats_path_for",
     "plan_calibration",
     "read_calib",
     "build_model",
@@ -1246,7 +1248,12 @@ def calibrate(
         log.info("calibration cache hit: reusing %s (fingerprint %s)", hit, fp[:12])
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-        shutil.copyfile(hit, tmp)
+        try:
+            # Stats files are replaced, never modified in place, so a hard link is safe (and
+            # free for the 28 GB of a 7B model); other filesystems get a copy.
+            os.link(hit, tmp)
+        except OSError:
+            shutil.copyfile(hit, tmp)
         os.replace(tmp, dest)
         return dest
 
@@ -1275,3 +1282,61 @@ def calibrate(
     write_stats(dest, ordered, fingerprint=fp, convention=plan.cov_norm, options=options)
     _cache_record(cdir, fp, dest)
     return dest
+
+
+def stats_path_for(out: str | os.PathLike[str]) -> Path:
+    """Where ``decompose --calib`` keeps the stats of output ``OUT``: ``OUT.stats.safetensors``.
+
+    Beside the output folder rather than inside it, so that the covariances (as large as the model
+    in fp32) are not pushed to the Hub with the model, and the folder can still be written
+    atomically.
+    """
+    p = Path(out).expanduser()
+    return p.with_name(p.name + ".stats.safetensors")
+
+
+def calibrate_beside(
+    src: str | os.PathLike[str],
+    calib: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
+    *,
+    method: str,
+    dry_run: bool = False,
+    no_cache: bool = False,
+    **kw: Any,
+) -> tuple[Path | None, list[str]]:
+    """Calibrate for ``decompose --calib``: stats beside the output, when the method needs them.
+
+    Args:
+        src: checkpoint.
+        calib: JSONL file.
+        out: the decompose output folder (``None``: the stats go to the cache).
+        method: the decompose method; methods without a ``cov`` parameter need no stats.
+        dry_run: plan only (no forward pass).
+        no_cache: recompute even when matching stats exist.
+        **kw: :func:`calibrate` options (targets, samples, batch_size, progress, …).
+
+    Returns:
+        ``(stats path or None, plan lines)``; the path is ``None`` for a dry run or a method that
+        takes no covariance.
+    """
+    from .methods import get
+
+    fn = get(method, "decompose").fn
+    if "cov" not in inspect.signature(fn).parameters:
+        return None, []
+    progress = kw.pop("progress", None)
+    plan = plan_calibration(src, calib, **kw)
+    lines = ["calibration: " + line for line in plan.describe()]
+    if dry_run:
+        return None, lines
+    dest = stats_path_for(out) if out is not None else None
+    path = calibrate(
+        src,
+        calib,
+        out=dest,
+        plan=plan,
+        progress=progress,
+        cache_dir=False if (no_cache and dest is not None) else None,
+    )
+    return path, lines

@@ -620,3 +620,56 @@ def test_cli_calibrate(llama, data, tmp_path):
     assert r.exit_code == 1 and "Error: " in r.output and "no such calibration file" in r.output
     r = CliRunner().invoke(cli, ["calibrate", str(llama), "-o", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 2 and "--calib FILE.jsonl is required" in r.output
+
+
+def test_decompose_calib_equals_stats_and_peft_reproduces(llama, data, tmp_path):
+    """`decompose --calib` == `calibrate` + `decompose --stats`; PEFT reproduces the original."""
+    from click.testing import CliRunner
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from cli import cli
+
+    run = CliRunner().invoke
+    via_calib = tmp_path / "via_calib"
+    common = ["-m", "corda", "-r", "4", "-q"]
+    r = run(cli, ["decompose", str(llama), "--calib", str(data), "--dry-run", *common, "-o",
+                  str(via_calib)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "calibration: estimated peak memory" in r.output
+    assert not via_calib.exists() and not (tmp_path / "via_calib.stats.safetensors").exists()
+    r = run(cli, ["decompose", str(llama), "--calib", str(data), "--batch-size", "3",
+                  "--no-cache", *common, "-o", str(via_calib)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    kept = tmp_path / "via_calib.stats.safetensors"  # the stats stay beside the output
+    assert Stats.open(kept).convention == "max"
+    stats = calibrate(llama, data, out=tmp_path / "s.safetensors", batch_size=3, cache_dir=False)
+    via_stats = tmp_path / "via_stats"
+    r = run(cli, ["decompose", str(llama), "--stats", str(stats), *common, "-o", str(via_stats)])
+    assert r.exit_code == 0, r.output
+    for f in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(via_calib / f)), load_file(str(via_stats / f))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+
+    # The residual model plus the adapter, through PEFT, gives the original model's outputs.
+    cls = transformers.LlamaForCausalLM
+    ids = torch.tensor([[1, 5, 9, 12, 7, 3, 22]])
+    with torch.no_grad():
+        want = cls.from_pretrained(str(llama)).eval()(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(cls.from_pretrained(str(via_calib)), str(via_calib),
+                                         subfolder="adapter").eval()  # fmt: skip
+        got = peft(input_ids=ids).logits
+        residual_only = cls.from_pretrained(str(via_calib)).eval()(input_ids=ids).logits
+    assert rel(got, want) < 1e-4
+    assert rel(residual_only, want) > 1e-3  # the adapter carries a real part of the weights
+
+    # Same command again (--force): the stats beside the output are reused, not recomputed.
+    before = kept.stat().st_mtime_ns
+    r = run(cli, ["decompose", str(llama), "--calib", str(data), "--batch-size", "3", *common,
+                  "-o", str(via_calib), "--force"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert kept.stat().st_mtime_ns == before
+    b = load_file(str(via_stats / "model.safetensors"))
+    a = load_file(str(via_calib / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
