@@ -27,6 +27,7 @@ Ray (the optional extra ``ray``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -39,13 +40,17 @@ from .errors import SurgeryError
 if TYPE_CHECKING:
     from .run import TensorResult
 
-__all__ = ["map_ray", "connect", "Interrupted", "limit_threads", "EXECUTORS"]
+__all__ = [
+    "map_ray", "connect", "Interrupted", "worker_threads", "thread_env", "scoped_env",
+    "init_pool_worker", "EXECUTORS",
+]  # fmt: skip
 
 log = logging.getLogger("surgery")
 EXECUTORS = ("serial", "process", "ray")
 # Exceptions raised inside a task that are worth retrying on another worker (flaky shared
 # filesystem, a node short of memory); anything else is deterministic and fails at once.
 RETRY_EXCEPTIONS: list[type[BaseException]] = [OSError, MemoryError]
+MIN_THREADS = 2  # see worker_threads
 
 
 class Interrupted(SurgeryError):
@@ -57,16 +62,58 @@ class Interrupted(SurgeryError):
     resumable = True
 
 
-def limit_threads(n: int) -> None:
-    """Cap BLAS/OpenMP/torch threads in a pool worker (``n`` = cores ÷ workers).
+def worker_threads(workers: int, cores: int | None = None) -> int:
+    """BLAS threads per worker: the cores split between workers, but never fewer than 2.
 
-    Called as the pool initializer, before the task's modules import numpy, so the environment
-    variables reach OpenBLAS/MKL; torch is capped directly when already loaded.
+    OpenBLAS's single-threaded sgemm rounds differently from its threaded one (bit patterns
+    differ; any count ≥ 2 agrees with any other), and the driver's serial run is threaded. Two
+    threads per worker keeps every executor's bytes equal to the serial run's.
     """
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
+    return max(MIN_THREADS, (cores or os.cpu_count() or 1) // max(1, workers))
+
+
+def thread_env(n: int) -> dict[str, str]:
+    """Environment that fixes BLAS/OpenMP threads to ``n`` in a process started with it."""
+    return {var: str(n) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+@contextlib.contextmanager
+def scoped_env(env: dict[str, str]) -> Iterator[None]:
+    """Set environment variables while a pool spawns its workers, then restore them.
+
+    Spawned workers import numpy before any initializer runs, so BLAS thread counts must be in
+    their environment from the start.
+    """
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def init_pool_worker(threads: int, parent: int) -> None:
+    """Process-pool initializer: cap torch threads, and exit when the driver dies.
+
+    A driver killed with SIGKILL cannot stop its pool; a worker blocked handing a result back
+    (torch passes tensors through shared memory) would otherwise live on as an orphan.
+    """
+    import threading
+    import time
+
     if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(n)
+        sys.modules["torch"].set_num_threads(threads)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="surgery-parent-watch", daemon=True).start()
 
 
 def _ray():
@@ -218,9 +265,14 @@ def map_ray(
 
         bound = per_actor * n
     else:
-        n = _slots(ray, workers, "CPU")
+        # Two CPUs and two BLAS threads per task: no oversubscription, and the threaded
+        # OpenBLAS path of the serial run (see worker_threads). Own env → own worker processes.
+        n = max(1, _slots(ray, workers, "CPU") // (MIN_THREADS if workers <= 1 else 1))
         remote = ray.remote(_call).options(
-            num_cpus=1, max_retries=max_retries, retry_exceptions=RETRY_EXCEPTIONS
+            num_cpus=MIN_THREADS if workers <= 1 else 1,
+            max_retries=max_retries,
+            retry_exceptions=RETRY_EXCEPTIONS,
+            runtime_env={"env_vars": thread_env(MIN_THREADS)},
         )
         log.info("ray: %d slot(s) for %d tensors", n, len(order))
         owner = {}

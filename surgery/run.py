@@ -250,9 +250,10 @@ def map_tasks(
     """Yield ``task(name)`` for every name (completion order for parallel executors).
 
     ``serial`` runs in this process in plan order; ``process`` uses a local pool of ``workers``
-    (BLAS threads split between them); ``ray`` (extra ``ray``) fans out over a cluster, with one
-    actor per GPU when ``device`` is ``gpu`` (see :mod:`surgery.executors`). Parallel executors
-    schedule the largest tensors first and bound the tasks in flight to ``2 × workers``.
+    (BLAS threads split between them, at least 2 each); ``ray`` (extra ``ray``) fans out over a
+    cluster, with one actor per GPU when ``device`` is ``gpu`` (see :mod:`surgery.executors`).
+    Parallel executors schedule the largest tensors first and bound the tasks in flight to
+    ``2 × workers``.
     """
     if executor == "serial":
         for n in names:
@@ -276,15 +277,20 @@ def _map_process(task, order: list[str], workers: int) -> Iterator[TensorResult]
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    from .executors import Interrupted, limit_threads
+    from .executors import Interrupted, init_pool_worker, scoped_env, thread_env, worker_threads
 
     # spawn: torch and BLAS thread pools are not fork-safe. Each worker gets its share of the
-    # cores for BLAS, so that N workers do not run N × cores threads.
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    # cores for BLAS (at least 2: see worker_threads), so N workers do not run N × cores threads.
+    threads = worker_threads(workers)
     pool = ProcessPoolExecutor(
-        workers, mp_context=mp.get_context("spawn"), initializer=limit_threads, initargs=(threads,)
+        workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=init_pool_worker,
+        initargs=(threads, os.getpid()),
     )
     pending: set = set()
+    env = scoped_env(thread_env(threads))  # workers spawn on submit: keep it for the pool's life
+    env.__enter__()
     try:
         it = iter(order)
         for n in it:
@@ -306,6 +312,7 @@ def _map_process(task, order: list[str], workers: int) -> Iterator[TensorResult]
                     pending.add(pool.submit(task, nxt))
                 yield res
     finally:
+        env.__exit__(None, None, None)
         pool.shutdown(wait=True, cancel_futures=True)
 
 

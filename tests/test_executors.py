@@ -34,6 +34,7 @@ from surgery.targets import select
 from surgery.writer import JOURNAL, Journal, OutputDir
 
 ROOT = Path(__file__).resolve().parents[1]
+N = 14  # computed tensors of the test model (2 layers × 7 linears)
 
 
 # -- a small verb: rank-r SVD per weight, residual into the model, factors into an adapter --------
@@ -47,15 +48,15 @@ def _svd_task(ckpt: Checkpoint, rank: int, seed: int, marker: str | None, name: 
     u, s, vh = call(svd_topk, name, ckpt.shape(name), w, rank, rng=host_rng(seed, name))
     lr = split_factors(u, s, vh)
     res = w - lr.delta()
-    out = store(ckpt, name, res, ckpt.dtype(name))
+    out = store(ckpt, name, res, "F32")  # fp32 out: last-bit differences stay visible
     report = {"sigma1": float(s[0]), "residual_norm": float(np.linalg.norm(res))}
     return TensorResult(name, tensor=out, lowrank=lr, report=report)
 
 
-def _bad_task(ckpt: Checkpoint, name: str):
+def _bad_task(ckpt: Checkpoint, name: str, f32: bool = False):
     if name.endswith("up_proj.weight"):
         raise SurgeryError(f"{name}: refused by the test")
-    return TensorResult(name, tensor=ckpt.raw(name))
+    return TensorResult(name, tensor=ckpt.raw(name).float() if f32 else ckpt.raw(name))
 
 
 def _write_adapter(lowranks, folder: Path, manifest) -> None:
@@ -67,7 +68,7 @@ def _write_adapter(lowranks, folder: Path, manifest) -> None:
     (folder / "modules.json").write_text(json.dumps(list(lowranks)))  # order-sensitive on purpose
 
 
-def svd_job(src: Path, out: Path, rank: int = 4, marker: Path | None = None, **options):
+def svd_job(src: Path, out: Path, rank: int = 16, marker: Path | None = None, **options):
     ckpt = Checkpoint.open(src)
     opts = RunOptions.of(dict(out=out, **options))
     names = select(ckpt, opts.targets, opts.exclude, opts.layers)
@@ -80,7 +81,7 @@ def svd_job(src: Path, out: Path, rank: int = 4, marker: Path | None = None, **o
         names,
         task,
         template=ckpt,
-        out_dtypes={n: ckpt.dtype(n) for n in names},
+        out_dtypes=dict.fromkeys(names, "F32"),
         finish_adapter=_write_adapter,
         adapter_subdir="adapter",
     )
@@ -122,17 +123,20 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    # bf16, 2 shards, an int buffer copied through: every writer path is exercised.
+    # bf16, 2 shards, an int buffer copied through: every writer path is exercised. The MLP
+    # weights (384×128) are large enough for OpenBLAS to thread the rank-16 sgemm, which rounds
+    # differently from its single-threaded path (a 1-thread worker would break byte identity:
+    # see executors.worker_threads).
     d = tmp_path_factory.mktemp("m")
     return demo.tiny_llama(
-        d / "base", layers=3, hidden=48, inter=64, dtype="bfloat16", shards=2, int_buffer=True
+        d / "base", layers=2, hidden=128, inter=384, dtype="bfloat16", shards=2, int_buffer=True
     )
 
 
 @pytest.fixture(scope="module")
 def serial_out(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("serial") / "out"
-    execute(svd_job(model, out, shard_size="40KB"))
+    execute(svd_job(model, out, shard_size="300KB"))
     return out
 
 
@@ -140,30 +144,54 @@ def serial_out(model, tmp_path_factory):
 @pytest.mark.ray
 def test_ray_output_is_byte_identical_to_serial(ray_cluster, model, serial_out, tmp_path):
     out = tmp_path / "out"  # same folder name: the card names it
-    execute(svd_job(model, out, shard_size="40KB", executor="ray", workers=2))
+    execute(svd_job(model, out, shard_size="300KB", executor="ray", workers=2))
     got, want = digest(out), digest(serial_out)
     assert len(want) >= 6 and "model.safetensors.index.json" in want  # sharded + adapter + card
     assert got == want
     man = json.loads((out / "surgery.json").read_text())
-    assert len(man["tensors"]) == 21 and man["outputs"] == {"model": True, "adapter": True}
+    assert len(man["tensors"]) == N and man["outputs"] == {"model": True, "adapter": True}
 
 
 @pytest.mark.slow
 def test_process_output_is_byte_identical_to_serial(model, serial_out, tmp_path):
     out = tmp_path / "out"
-    execute(svd_job(model, out, shard_size="40KB", executor="process", workers=2))
+    execute(svd_job(model, out, shard_size="300KB", executor="process", workers=2))
     assert digest(out) == digest(serial_out)
 
 
 def test_map_tasks_process_largest_first_and_complete(model):
     ckpt = Checkpoint.open(model)
     names = select(ckpt)
-    task = functools.partial(_svd_task, ckpt, 2, 0, None)
+    task = functools.partial(_svd_task, ckpt, 16, 0, None)
     got = list(map_tasks(task, names, executor="process", workers=2, cost=lambda n: 1))
     assert sorted(r.name for r in got) == sorted(names)
     ref = {n: task(n) for n in names}
     for r in got:  # same numbers in a pool worker with capped BLAS threads
         assert torch.equal(r.tensor, ref[r.name].tensor), r.name
+
+
+_ONE_THREAD = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_executors import svd_job
+from surgery.run import execute
+execute(svd_job({src!r}, {out!r}, shard_size="300KB"))
+"""
+
+
+@pytest.mark.slow
+def test_the_model_is_sensitive_to_single_threaded_blas(model, serial_out, tmp_path):
+    """Negative control: a 1-thread OpenBLAS run changes bytes, so the identity tests can fail."""
+    from surgery.executors import thread_env, worker_threads
+
+    assert worker_threads(8, cores=2) == 2 and worker_threads(2, cores=16) == 8
+    out = tmp_path / "out"
+    script = _ONE_THREAD.format(tests=str(ROOT / "tests"), src=str(model), out=str(out))
+    env = {**os.environ, **thread_env(1)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    got, want = digest(out), digest(serial_out)
+    assert got["adapter/adapter_model.safetensors"] == want["adapter/adapter_model.safetensors"]
+    assert got != want  # the residuals (sgemm) differ in their last bits
 
 
 @pytest.mark.ray
@@ -172,7 +200,7 @@ def test_ray_survives_a_lost_worker(ray_cluster, model, serial_out, tmp_path):
     """A worker process dies mid-task; Ray retries the task and the bytes are unchanged."""
     marker = tmp_path / "died"
     out = tmp_path / "out"  # same folder name: the card names it
-    execute(svd_job(model, out, marker=marker, shard_size="40KB", executor="ray", workers=2))
+    execute(svd_job(model, out, marker=marker, shard_size="300KB", executor="ray", workers=2))
     assert marker.exists(), "the worker never died: the test did not test anything"
     assert int(marker.read_text()) != os.getpid()  # it was a Ray worker that died
     assert digest(out) == digest(serial_out)
@@ -236,7 +264,7 @@ sys.path.insert(0, {tests!r})
 import test_executors as t
 from surgery.run import execute
 
-job = t.svd_job({src!r}, {out!r}, shard_size="40KB", executor={executor!r}, workers=2)
+job = t.svd_job({src!r}, {out!r}, shard_size="300KB", executor={executor!r}, workers=2)
 job.task = functools.partial(t._slow, job.task)
 execute(job)
 """
@@ -263,27 +291,54 @@ def _kill_midway(model: Path, out: Path, executor: str = "serial", at: int = 5) 
                 break
         time.sleep(0.05)
     assert p.poll() is None, "the run ended before it could be killed"
+    kids = _children(p.pid)
+    assert kids or executor == "serial", "no pool workers found"
     p.send_signal(signal.SIGKILL)
     p.wait()
+    # Pool workers notice the dead driver and exit instead of lingering as orphans.
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_running(k) for k in kids):
+        time.sleep(0.1)
+    assert not any(_running(k) for k in kids), kids
     return done
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_resume_after_kill_gives_the_clean_bytes(model, serial_out, tmp_path):
     out = tmp_path / "out"
     done = _kill_midway(model, out)
     tmp = tmp_path / ".out.surgery-tmp"
-    assert not out.exists() and tmp.is_dir() and 5 <= done < 21
+    assert not out.exists() and tmp.is_dir() and 5 <= done < N
     lock = tmp_path / ".out.surgery-lock"
     assert lock.exists()  # stale: its pid is dead, the next run takes it over
     calls: list[str] = []
-    job = svd_job(model, out, shard_size="40KB", resume=True)
+    job = svd_job(model, out, shard_size="300KB", resume=True)
     inner = job.task
     job.task = lambda n: (calls.append(n), inner(n))[1]
     execute(job)
     assert digest(out) == digest(serial_out)
-    assert 0 < len(calls) <= 21 - done  # only the unfinished tensors were computed again
+    assert 0 < len(calls) <= N - done  # only the unfinished tensors were computed again
     man = json.loads((out / "surgery.json").read_text())
-    assert man["summary"]["resumed_tensors"] >= done and len(man["tensors"]) == 21
+    assert man["summary"]["resumed_tensors"] >= done and len(man["tensors"]) == N
     assert not tmp.exists() and not lock.exists()
     assert not (out / JOURNAL).exists() and not (out / ".surgery-resume").exists()
 
@@ -292,8 +347,8 @@ def test_resume_after_kill_gives_the_clean_bytes(model, serial_out, tmp_path):
 @pytest.mark.slow
 def test_resume_on_ray_after_a_killed_process_run(ray_cluster, model, serial_out, tmp_path):
     out = tmp_path / "out"
-    _kill_midway(model, out, executor="process", at=4)
-    execute(svd_job(model, out, shard_size="40KB", resume=True, executor="ray", workers=2))
+    _kill_midway(model, out, executor="process", at=4)  # also: its pool workers exit
+    execute(svd_job(model, out, shard_size="300KB", resume=True, executor="ray", workers=2))
     assert digest(out) == digest(serial_out)
 
 
@@ -303,16 +358,16 @@ def test_resume_refuses_a_different_job_and_keeps_its_work(model, tmp_path):
     tmp = tmp_path / ".out.surgery-tmp"
     before = (tmp / JOURNAL).read_text()
     with pytest.raises(SurgeryError, match="used different inputs or options"):
-        execute(svd_job(model, out, shard_size="40KB", resume=True, seed=7))
+        execute(svd_job(model, out, shard_size="300KB", resume=True, seed=7))
     assert (tmp / JOURNAL).read_text() == before and not out.exists()
     # Without --resume the leftover is discarded and the run starts over.
-    execute(svd_job(model, out, shard_size="40KB", seed=7))
+    execute(svd_job(model, out, shard_size="300KB", seed=7))
     assert not tmp.exists() and (out / "model.safetensors.index.json").exists()
 
 
 def test_interrupted_run_keeps_finished_tensors_and_user_errors_clean_up(model, tmp_path):
     out = tmp_path / "out"
-    job = svd_job(model, out, shard_size="40KB")
+    job = svd_job(model, out, shard_size="300KB")
     inner = job.task
     n = 0
 
@@ -332,8 +387,8 @@ def test_interrupted_run_keeps_finished_tensors_and_user_errors_clean_up(model, 
     j.load()
     assert len(j.entries) == 3
     # A user error in a resumed run is deterministic: the leftover is removed.
-    job = svd_job(model, out, shard_size="40KB", resume=True)
-    job.task = functools.partial(_bad_task, Checkpoint.open(model))
+    job = svd_job(model, out, shard_size="300KB", resume=True)
+    job.task = functools.partial(_bad_task, Checkpoint.open(model), f32=True)
     with pytest.raises(SurgeryError, match="refused"):
         execute(job)
     assert not tmp.exists() and not out.exists()
