@@ -873,7 +873,10 @@ class _Collector:
         self.lines: list[int] = []
         self.mask = None  # [B, T] bool, True for real tokens
         self.row_sample = None  # [n_valid] sample index of every real token (row-major)
-        self._last: tuple[Any, int, Any, int, int] | None = None  # (x, step, inc, n_s, n_t)
+        # (x, step, XᵀX, n_samples, n_tokens) of the last hooked call; x is kept alive, so
+        # `is` cannot match a new tensor at a recycled address (inference tensors carry no
+        # version counter, and Linear/Conv1D never modify their input)
+        self._last: tuple[Any, int, Any, int, int] | None = None
         mods = dict(model.named_modules())
         for m in group:
             h = mods[plan._model_map[m]].register_forward_hook(self._make_hook(m), with_kwargs=True)

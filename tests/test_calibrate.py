@@ -673,3 +673,14 @@ def test_decompose_calib_equals_stats_and_peft_reproduces(llama, data, tmp_path)
     b = load_file(str(via_stats / "model.safetensors"))
     a = load_file(str(via_calib / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device visible to torch")
+def test_cuda_matches_cpu(llama, data, tmp_path):
+    cpu = Stats.open(calibrate(llama, data, out=tmp_path / "c.safetensors", device="cpu",
+                               cache_dir=False))  # fmt: skip
+    gpu = Stats.open(calibrate(llama, data, out=tmp_path / "g.safetensors", device="cuda",
+                               batch_size=8, cache_dir=False))  # fmt: skip
+    for m in cpu.modules():
+        assert rel(gpu.cov(m), cpu.cov(m)) < 1e-4, m
