@@ -122,13 +122,14 @@ def _widen_bf16_kernel():
 
 @functools.cache
 def _narrow_bf16_kernel():
-    # torch's c10::round_to_nearest_even: NaN → 0x7FC0, else RNE on the top 16 bits.
+    # torch's CPU cast (ATen's vectorised cvtfp32_bf16): NaN → 0xFFFF, else round to nearest
+    # even on the top 16 bits (measured: torch 2.13 gives 0xFFFF for every NaN position).
     return cp().ElementwiseKernel(
         "float32 x",
         "uint16 y",
         """
         unsigned int u = __float_as_uint(x);
-        if (isnan(x)) { y = 0x7FC0; }
+        if (isnan(x)) { y = 0xFFFF; }
         else { y = (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16); }
         """,
         "surgery_f32_bf16",
@@ -173,7 +174,7 @@ def to_host(x: Array) -> np.ndarray:
 def to_torch(x: Array, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A cupy array → CPU torch tensor, narrowed to bf16/fp16 *on the device* before the copy.
 
-    The rounding is round-to-nearest-even as torch's CPU cast (NaN → canonical NaN for bf16), so
+    The rounding is round-to-nearest-even as torch's CPU cast (NaN → 0xFFFF for bf16), so
     the bytes equal those of ``to_torch`` on the host array, and half the bytes cross PCIe.
     """
     import torch
@@ -332,7 +333,7 @@ def gta(
 
 
 # PCB per column c, rows j: the numpy code's order of operations (ops/merge.py pcb_balance,
-# pcb_scale, pcb), with colsum = ((t_0 + t_1) + …) as numpy's axis-0 reduction.
+# pcb_scale, pcb), with sums (((0 + t_0) + t_1) + …) as numpy's axis-0 reduction.
 _PCB_BAL = r"""
 template <typename T, typename A>
 __device__ __forceinline__ T pcb_bal(const A& t, ptrdiff_t j, ptrdiff_t c, T cs, int k,
@@ -353,9 +354,8 @@ __device__ __forceinline__ T pcb_bal(const A& t, ptrdiff_t j, ptrdiff_t c, T cs,
 }
 template <typename T, typename A>
 __device__ __forceinline__ T pcb_colsum(const A& t, ptrdiff_t c, int k) {
-  const ptrdiff_t i0[2] = {0, c};
-  T cs = t[i0];
-  for (int j = 1; j < k; ++j) {
+  T cs = 0;  // numpy's add.reduce starts from +0 (the sign of an all-zero sum is +)
+  for (int j = 0; j < k; ++j) {
     const ptrdiff_t ix[2] = {j, c};
     cs = add_rn(cs, t[ix]);
   }
@@ -400,8 +400,8 @@ def _pcb_merge_kernel():
           c = mul_rn(c, np_sign(tv));
           c = mul_rn(c, lam[j]);
           c = mul_rn(c, a);
-          num = j == 0 ? c : add_rn(num, c);
-          den = j == 0 ? a : add_rn(den, a);
+          num = add_rn(num, c);
+          den = add_rn(den, a);
         }
         den = np_max(den, (T)1e-12);
         out = div_rn(num, den);

@@ -463,3 +463,427 @@ def test_gpu_cli_end_to_end_equals_cpu(tmp_path, verb):
                 np.testing.assert_allclose(
                     x.astype(np.float32), y.astype(np.float32), rtol=1e-2, atol=1e-3
                 )
+
+
+# --------------------------------------------------------------------------- simulated device
+#
+# A CPU stand-in for cupy: arrays wrap numpy but refuse implicit host conversion (``np.asarray``,
+# scipy on device arrays) and host/device mixing, as cupy does; reductions return 0-d arrays;
+# the ops/cuda.py kernels run as numpy replays of their CUDA bodies (same statement order, so
+# merges must stay bit-identical to the numpy code). Running the kernels and the CLI verbs with
+# ``--device gpu`` on it catches host conversions and wrong dispatch before a GPU is at hand.
+
+
+class _HostConversion(TypeError):
+    pass
+
+
+def _unwrap(x):
+    if isinstance(x, _FakeArray):
+        return x._a
+    if isinstance(x, (tuple, list)):
+        return type(x)(_unwrap(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _unwrap(v) for k, v in x.items()}
+    return x
+
+
+def _wrap(x):
+    if isinstance(x, np.ndarray):
+        return _FakeArray(x)
+    if isinstance(x, np.generic):  # cupy reductions return 0-d arrays, not scalars
+        return _FakeArray(np.asarray(x))
+    if isinstance(x, tuple):
+        return tuple(_wrap(v) for v in x)
+    if isinstance(x, list):
+        return [_wrap(v) for v in x]
+    return x
+
+
+def _no_host_arrays(args, what):
+    for v in args if isinstance(args, (tuple, list)) else [args]:
+        if isinstance(v, np.ndarray) and v.ndim > 0:
+            raise _HostConversion(f"{what}: a host numpy array {v.shape} mixed with device arrays")
+        if isinstance(v, (tuple, list)):
+            _no_host_arrays(v, what)
+
+
+class _FakeArray:
+    """numpy-backed array that behaves like a cupy array where it matters for host safety."""
+
+    __array_priority__ = 100
+
+    def __init__(self, a):
+        self._a = a
+
+    def __array__(self, *a, **k):
+        raise _HostConversion("Implicit conversion to a NumPy array is not allowed (use .get())")
+
+    def get(self, stream=None, order="C", out=None, blocking=True):
+        if out is not None:
+            out[...] = self._a
+            return out
+        return self._a.copy()
+
+    def set(self, arr, stream=None):
+        self._a[...] = arr
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kw):
+        _no_host_arrays(inputs, ufunc.__name__)
+        return _wrap(getattr(ufunc, method)(*_unwrap(inputs), **_unwrap(kw)))
+
+    def __array_function__(self, func, types, args, kwargs):
+        _no_host_arrays(args, func.__name__)
+        return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # no __array_interface__ / buffer back doors to the host data
+            raise AttributeError(name)
+        v = getattr(self._a, name)
+        if callable(v):
+            return lambda *a, **k: _wrap(v(*_unwrap(a), **_unwrap(k)))
+        return _wrap(v)
+
+    def __getitem__(self, idx):
+        _no_host_arrays(idx if isinstance(idx, tuple) else (idx,), "indexing")
+        return _wrap(self._a[_unwrap(idx)])
+
+    def __setitem__(self, idx, v):
+        _no_host_arrays((idx if isinstance(idx, tuple) else idx, v), "assignment")
+        self._a[_unwrap(idx)] = _unwrap(v)
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        return (_wrap(v) for v in self._a)
+
+    def __bool__(self):
+        return bool(self._a)
+
+    def __float__(self):
+        return float(self._a)
+
+    def __int__(self):
+        return int(self._a)
+
+    def __index__(self):
+        return self._a.__index__()
+
+    def __repr__(self):
+        return f"fakecupy.{self._a!r}"
+
+    @property
+    def T(self):
+        return _FakeArray(self._a.T)
+
+    @property
+    def shape(self):
+        return self._a.shape
+
+    @property
+    def dtype(self):
+        return self._a.dtype
+
+
+_FakeArray.__module__ = "cupy._fake"  # what ops.backend's device test looks at
+
+
+def _binop(name):
+    def op(self, other):
+        _no_host_arrays((other,), name)
+        r = getattr(self._a, name)(_unwrap(other))
+        return NotImplemented if r is NotImplemented else _wrap(r)
+
+    def iop(self, other):
+        _no_host_arrays((other,), name)
+        getattr(self._a, name.replace("__", "__i", 1))(_unwrap(other))
+        return self
+
+    return op, iop
+
+
+for _n in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+           "xor", "lshift", "rshift"):  # fmt: skip
+    _op, _iop = _binop(f"__{_n}__")
+    setattr(_FakeArray, f"__{_n}__", _op)
+    setattr(_FakeArray, f"__i{_n}__", _iop)
+    setattr(_FakeArray, f"__r{_n}__", _binop(f"__r{_n}__")[0])
+for _n in ("lt", "le", "gt", "ge", "eq", "ne"):
+    setattr(_FakeArray, f"__{_n}__", _binop(f"__{_n}__")[0])
+for _n in ("neg", "pos", "abs", "invert"):
+    setattr(_FakeArray, f"__{_n}__", (lambda n: lambda self: _wrap(getattr(self._a, n)()))(
+        f"__{_n}__"))  # fmt: skip
+
+
+class _FakeModule:
+    """Module facade over numpy/scipy: functions take device arrays only and return them."""
+
+    _allow_host = {"asarray", "array", "asanyarray", "zeros", "ones", "empty", "eye", "arange",
+                   "full", "linspace", "geomspace"}  # fmt: skip
+
+    def __init__(self, real, extra=None):
+        self._real = real
+        self._extra = extra or {}
+
+    def __getattr__(self, name):
+        if name in self._extra:
+            return self._extra[name]
+        v = getattr(self._real, name)
+        if isinstance(v, type(np)):
+            return _FakeModule(v)
+        if callable(v) and not isinstance(v, type):
+            allow = name in self._allow_host
+
+            def f(*a, **k):
+                if not allow:
+                    _no_host_arrays(a, name)
+                return _wrap(v(*_unwrap(a), **_unwrap(k)))
+
+            return f
+        return v
+
+
+def _sim_kernel(name):
+    """numpy replays of ops/cuda.py's CUDA kernels, by kernel name."""
+
+    def bf16_f32(x, *out):
+        return _FakeArray((x._a.astype(np.uint32) << np.uint32(16)).view(np.float32))
+
+    def f32_bf16(x, *out):
+        u = x._a.view(np.uint32)
+        r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        return _FakeArray(np.where(np.isnan(x._a), 0xFFFF, r).astype(np.uint16))
+
+    def gta(d, keep, sc, wt, k, has_keep, consensus, normalize, tdiv, lam, scale_out, out):
+        d, keep, sc, wt = d._a, keep._a, sc._a, wt._a
+        keeps = [keep[j] for j in range(int(k))] if has_keep else [None]
+        res = _replay_gta(d, keeps, list(sc), list(wt), consensus, normalize, 1.0)
+        if normalize and not consensus:  # the replay recomputes the divisor from the weights
+            res = _replay_gta(d, keeps, list(sc), list(wt), consensus, False, 1.0) / tdiv
+        out._a[...] = res * lam if scale_out else res
+        return out
+
+    def pcb_rows(t, lo, hi, mmin, safe, live, k, c):
+        tv = t[:, c]  # (k, b)
+        cs = np.zeros_like(tv[0])
+        for j in range(k):
+            cs = cs + tv[j]
+        a = np.abs(tv)
+        a = np.maximum(a, lo[:, None])
+        a = np.minimum(a, hi[:, None])
+        a = ((a - mmin[:, None]) / safe[:, None]) * live[:, None]
+        a = np.exp((a * a) * t.dtype.type(k))
+        return a * np.tanh(tv * cs), tv
+
+    def pcb_balance(t, lo, hi, mmin, safe, live, k, m, out):
+        bal, _ = pcb_rows(t._a, lo._a, hi._a, mmin._a, safe._a, live._a, int(k), slice(None))
+        out._a[...] = bal
+        return out
+
+    def pcb_merge(t, lo, hi, mmin, safe, live, thr, spn, dead, lam, k, out):
+        t, lo, hi, thr, spn, dead, lam = (x._a for x in (t, lo, hi, thr, spn, dead, lam))
+        a, tv = pcb_rows(t, lo, hi, mmin._a, safe._a, live._a, int(k), slice(None))
+        a = (np.maximum(a, thr[:, None]) - thr[:, None]) / spn[:, None]
+        a[dead] = 1
+        c = np.minimum(np.maximum(np.abs(tv), lo[:, None]), hi[:, None]) * np.sign(tv)
+        c = (c * lam[:, None]) * a
+        num, den = np.zeros_like(c[0]), np.zeros_like(a[0])
+        for j in range(int(k)):
+            num, den = num + c[j], den + a[j]
+        out._a[...] = num / np.maximum(den, t.dtype.type(1e-12))
+        return out
+
+    def l1(x):
+        return _FakeArray(np.asarray(np.abs(x._a).sum(dtype=np.float64)))
+
+    def l1_kept(x, keep):
+        return _FakeArray(np.asarray(np.abs(x._a).sum(dtype=np.float64, where=keep._a)))
+
+    table = {"surgery_bf16_f32": bf16_f32, "surgery_f32_bf16": f32_bf16, "surgery_gta": gta,
+             "surgery_pcb_balance": pcb_balance, "surgery_pcb_merge": pcb_merge,
+             "surgery_l1": l1, "surgery_l1_kept": l1_kept}  # fmt: skip
+    return table[name]
+
+
+class _Kernel:
+    def __init__(self, *args, **kw):
+        self.fn = _sim_kernel(args[-1] if isinstance(args[-1], str) else kw["name"])
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """Install the simulated cupy/cupyx for one test (kernel caches cleared around it)."""
+    import contextlib
+    import types
+
+    import scipy
+    import scipy.linalg
+
+    class _Pool:
+        def free_all_blocks(self):
+            pass
+
+    class _Stream:
+        def __init__(self, *a, **k):
+            pass
+
+        def record(self):
+            return types.SimpleNamespace(synchronize=lambda: None)
+
+        def synchronize(self):
+            pass
+
+    cuda_ns = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, memGetInfo=lambda: (8 << 30,) * 2),
+        Stream=_Stream,
+        alloc_pinned_memory=lambda n: bytearray(max(int(n), 1)),
+        Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None),
+    )
+    fake = _FakeModule(np, {
+        "ndarray": _FakeArray, "cuda": cuda_ns, "ElementwiseKernel": _Kernel,
+        "ReductionKernel": _Kernel, "asnumpy": lambda x: x.get(),
+        "get_default_memory_pool": _Pool, "get_default_pinned_memory_pool": _Pool,
+        "from_dlpack": lambda t: _FakeArray(t.numpy()), "__name__": "cupy",
+    })  # fmt: skip
+    fake_scipy = _FakeModule(scipy, {"linalg": _FakeModule(scipy.linalg)})
+    fakex = types.SimpleNamespace(
+        errstate=lambda **k: contextlib.nullcontext(),
+        empty_pinned=lambda shape, dtype=float: np.empty(shape, dtype),
+        scipy=fake_scipy,
+    )
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupyx", fakex)
+    monkeypatch.setitem(sys.modules, "cupyx.scipy", fake_scipy)
+    monkeypatch.setitem(sys.modules, "cupyx.scipy.linalg", fake_scipy.linalg)
+    caches = [cuda._gta_kernel, cuda._pcb_balance_kernel, cuda._pcb_merge_kernel,
+              cuda._l1_kernels, cuda._widen_bf16_kernel, cuda._narrow_bf16_kernel]  # fmt: skip
+    for c in caches:
+        c.cache_clear()
+    yield fake
+    for c in caches:
+        c.cache_clear()
+
+
+def test_simulated_device_refuses_host_conversion(fake_cupy):
+    x = fake_cupy.asarray(np.ones(3))
+    with pytest.raises(_HostConversion):
+        np.asarray(x)
+    with pytest.raises(_HostConversion):
+        x + np.ones(3)
+    assert float(x.sum()) == 3.0 and isinstance(x.sum(), _FakeArray)
+
+
+def test_simulated_device_every_registered_method_matches_cpu(fake_cupy):
+    """Every method on simulated device arrays: merges bit-identical, the rest to fp32 rounding."""
+    from surgery.methods import METHODS, names
+
+    names()
+    cp = fake_cupy
+    rng = np.random.default_rng(8)
+    w, cov = _registry_inputs()
+    d = rng.standard_normal((3, 96, 64)).astype(np.float32)
+    d[:, :3] = 0
+    wts = np.asarray([1.0, 0.6, -0.2], np.float32)
+    direction = rng.standard_normal(64).astype(np.float32)
+    out_dir = rng.standard_normal(96).astype(np.float32)
+    uncovered = []
+    for m in METHODS:
+        if m.kind == "merge":
+            ref = m.fn(d, wts, rng=[host_rng(0, m.name, i) for i in range(3)])
+            rngs = [host_rng(0, m.name, i) for i in range(3)]
+            got = m.fn(cp.asarray(d), cp.asarray(wts), rng=rngs)
+            assert isinstance(got, _FakeArray), m.name
+            assert np.array_equal(got.get().view(np.uint32), ref.view(np.uint32)), m.name
+        elif m.kind == "decompose":
+            extra = {"cov": cov} if m.name == "corda" else {}
+            r_ref, lr_ref = m.fn(w, rank=8, rng=host_rng(0, m.name), **extra)
+            extra = {"cov": cp.asarray(cov)} if m.name == "corda" else {}
+            r_got, lr_got = m.fn(cp.asarray(w), rank=8, rng=host_rng(0, m.name), **extra)
+            assert isinstance(lr_got.A, _FakeArray), m.name
+            tol = 2e-4 * np.abs(w).max()
+            np.testing.assert_allclose(lr_got.delta().get(), lr_ref.delta(), atol=tol,
+                                       err_msg=m.name)  # fmt: skip
+            if r_ref is not None:
+                np.testing.assert_allclose(r_got.get(), r_ref, atol=tol, err_msg=m.name)
+        elif m.name == "probe":
+            ref = m.fn(w, direction=direction, rows=5)
+            got = m.fn(cp.asarray(w), direction=cp.asarray(direction), rows=5)
+            assert np.array_equal(got.get(), ref), m.name
+        elif m.name == "project_out":
+            ref = m.fn(w, direction=out_dir)
+            got = m.fn(cp.asarray(w), direction=cp.asarray(out_dir))
+            np.testing.assert_allclose(got.get(), ref, atol=1e-5, err_msg=m.name)
+        else:
+            uncovered.append(m.name)
+    assert not uncovered, f"add device coverage for {uncovered}"
+
+
+def test_simulated_device_pcb_model_scope_and_stats(fake_cupy):
+    cp = fake_cupy
+    d = np.random.default_rng(4).standard_normal((3, 5000)).astype(np.float32)
+    w = np.ones(3, np.float32)
+    chunks = lambda: [d[:, :3000], d[:, 3000:]]  # noqa: E731
+    ref_stats = merge.pcb_reduce(chunks, density=0.3)
+    stats = merge.pcb_reduce(lambda: [cp.asarray(c) for c in chunks()], density=0.3)
+    for f in ("lo", "hi", "thr", "top"):
+        assert np.array_equal(getattr(stats, f), getattr(ref_stats, f)), f
+    ref = merge.pcb(d, w, density=0.3, stats=ref_stats)
+    got = merge.pcb(cp.asarray(d), cp.asarray(w), density=0.3, stats=stats)
+    assert np.array_equal(got.get(), ref)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 3e38 → fp16 inf, on purpose
+def test_simulated_device_transfers_round_trip_bitwise(fake_cupy):
+    import torch
+
+    from ops.backend import to_host, to_torch, to_xp
+
+    f = np.random.default_rng(0).standard_normal(50_000).astype(np.float32) * 1e3
+    f[:6] = [np.nan, np.inf, -np.inf, 1.00390625, -1.01171875, 3e38]  # ties, overflow to inf
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        t = torch.from_numpy(f).to(dt)
+        x = to_xp(t, "gpu")
+        assert isinstance(x, _FakeArray) and x.dtype == np.float32
+        assert np.array_equal(to_host(x), t.float().numpy(), equal_nan=True)
+        back = to_torch(cuda.cp().asarray(f), dt)
+        assert torch.equal(back.view(torch.int16 if dt != torch.float32 else torch.int32),
+                           t.view(torch.int16 if dt != torch.float32 else torch.int32))  # fmt: skip
+    big = torch.randn(40 << 20).to(torch.bfloat16)  # 80 MB: the double-buffered pinned path
+    assert np.array_equal(to_host(to_xp(big, "gpu")), big.float().numpy())
+
+
+@pytest.mark.parametrize("verb", ["merge", "decompose"])
+def test_simulated_device_cli_equals_cpu(tmp_path, fake_cupy, verb):
+    """``--device gpu`` end to end on the simulated device: same bytes as ``--device cpu``."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = demo.tiny_llama(tmp_path / "base", layers=2, hidden=32, inter=64, vocab=48,
+                           dtype="bfloat16")  # fmt: skip
+    ft = demo.finetune(base, tmp_path / "ft", seed=1)
+    ft2 = demo.finetune(base, tmp_path / "ft2", seed=2)
+    got = {}
+    for dev in ("cpu", "gpu"):
+        out = tmp_path / f"{verb}_{dev}"
+        if verb == "merge":
+            args = ["merge", str(ft), str(ft2), "--base", str(base), "-m", "dare_ties",
+                    "-p", "density=0.5"]  # fmt: skip
+        else:
+            args = ["decompose", str(base), "-m", "pissa", "-r", "4"]
+        r = CliRunner().invoke(cli, [*args, "-o", str(out), "--device", dev])
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "surgery.json").read_text())["device"] == dev
+        got[dev] = {n: t for f in sorted(out.rglob("*.safetensors")) for n, t in
+                    load_file(str(f)).items()}  # fmt: skip
+    assert got["cpu"].keys() == got["gpu"].keys()
+    for name, x in got["cpu"].items():
+        y = got["gpu"][name]
+        assert x.dtype == y.dtype, name
+        if verb == "merge":  # DARE-TIES with host masks: the same bytes on both devices
+            assert torch.equal(x.view(torch.int16), y.view(torch.int16)), name
+        else:  # Gram route vs LAPACK: residuals agree to bf16 rounding
+            torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-3, msg=name)
