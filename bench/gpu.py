@@ -160,9 +160,19 @@ def dims(s: float) -> tuple[int, int, int]:
 
 
 def _matrix(m: int, n: int, seed: int = 0) -> np.ndarray:
-    """A weight-like fp32 matrix: Gaussian (well conditioned enough for every SVD route)."""
+    """A weight-like fp32 matrix: Gaussian (a square Gaussian can be very ill-conditioned)."""
     rng = np.random.default_rng(seed)
     return (rng.standard_normal((m, n), dtype=np.float32) / math.sqrt(n)).astype(np.float32)
+
+
+def _spectral(m: int, n: int, seed: int = 0) -> np.ndarray:
+    """``U diag(σ) Vᵀ`` with σ_i ∝ i^-0.5 (PERFORMANCE.md §2.4's flat spectrum, κ = √min(m,n))."""
+    rng = np.random.default_rng(seed)
+    k = min(m, n)
+    u, _ = np.linalg.qr(rng.standard_normal((m, k), dtype=np.float32))
+    v, _ = np.linalg.qr(rng.standard_normal((n, k), dtype=np.float32))
+    s = (np.arange(1, k + 1, dtype=np.float32) ** -0.5).astype(np.float32)
+    return ((u * s) @ v.T).astype(np.float32)
 
 
 def op_svd(env: Env, m: int, n: int) -> dict[str, Any]:
@@ -170,7 +180,7 @@ def op_svd(env: Env, m: int, n: int) -> dict[str, Any]:
 
     from ops.linalg import svd
 
-    w = _matrix(m, n)
+    w = _spectral(m, n)
     k = min(m, n)
     flops = 14.0 * max(m, n) * k * k + 8.0 * k**3  # textbook U, S, V (PERFORMANCE.md §6)
     row: dict[str, Any] = {"size": f"{m}x{n} fp32", "work": flops, "unit": "flop", "peak": "fp32"}
@@ -184,7 +194,9 @@ def op_svd(env: Env, m: int, n: int) -> dict[str, Any]:
         )
         u, s, vh = svd(wd)
         row["cupy_rel_err"] = float(cp.linalg.norm((u * s) @ vh - wd) / cp.linalg.norm(wd))
-        del wd, u, s, vh
+        s_ref = cp.linalg.svd(wd, compute_uv=False)
+        row["cupy_sigma_vs_gesvd"] = float(cp.max(cp.abs(s - s_ref)) / s_ref[0])
+        del wd, u, s, vh, s_ref
     if env.torch_cuda:
         wt = torch.from_numpy(w).cuda()
         row["torch"] = _try(

@@ -288,6 +288,18 @@ def test_gpu_dare_l1_rescale_within_float64_rounding():
     np.testing.assert_allclose(cp.asnumpy(got), ref, rtol=2e-7, atol=0)
 
 
+def _pcb_close(got: np.ndarray, ref: np.ndarray) -> None:
+    """PCB on two devices: equal to a few ulps except at entries on the drop threshold.
+
+    CUDA's ``exp``/``tanh`` differ from numpy's by an ulp or two, so a balance score within ulps
+    of the threshold may be dropped on one device and kept (with a tiny weight) on the other;
+    when it is the only kept task of that entry the merged value jumps between 0 and ``λ·T_c``.
+    Such entries must be rare (≤ 0.1 %); every other entry agrees to 1e-5.
+    """
+    far = ~np.isclose(got, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    assert far.mean() <= 1e-3, f"{far.sum()} of {far.size} PCB entries differ"
+
+
 @gpu
 @pytest.mark.parametrize("scope", ["tensor", "model"])
 def test_gpu_pcb_matches_cpu(scope):
@@ -297,8 +309,7 @@ def test_gpu_pcb_matches_cpu(scope):
     stats = merge.pcb_reduce(lambda: [d], density=0.2) if scope == "model" else None
     ref = merge.pcb(d, w, density=0.2, scope=scope, stats=stats)
     got = merge.pcb(cp.asarray(d), cp.asarray(w), density=0.2, scope=scope, stats=stats)
-    # exp/tanh differ by a few ulps between CUDA and libm; the result is continuous in them.
-    np.testing.assert_allclose(cp.asnumpy(got), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    _pcb_close(cp.asnumpy(got), ref)
     bal = merge.pcb_balance(d, [0.1] * 3, [2.0] * 3)
     np.testing.assert_allclose(
         cp.asnumpy(merge.pcb_balance(cp.asarray(d), [0.1] * 3, [2.0] * 3)), bal, rtol=1e-5,
@@ -326,8 +337,11 @@ def test_gpu_every_registered_method_matches_cpu():
             ref = m.fn(d, wts, **kw)
             kw = {"rng": [host_rng(0, m.name, i) for i in range(3)]}
             got = cp.asnumpy(m.fn(cp.asarray(d), cp.asarray(wts), **kw))
-            # PCB: exp/tanh ulps; DARE: the l1 factor's float64 sum order; the rest bit-exact.
-            tol = {"pcb": 1e-5, "dare_linear": 1e-6, "dare_ties": 1e-6}.get(m.name, 0)
+            if m.name == "pcb":  # exp/tanh ulps (see _pcb_close)
+                _pcb_close(got, ref)
+                continue
+            # DARE: the l1 factor's float64 sum order differs; the rest is bit-exact.
+            tol = 1e-6 if m.name.startswith("dare") else 0
             np.testing.assert_allclose(got, ref, rtol=tol, atol=tol, err_msg=m.name)
         elif m.kind == "decompose":
             kw = {"rank": 8, "rng": host_rng(0, m.name)}
