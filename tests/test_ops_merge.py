@@ -421,6 +421,8 @@ def test_linear_in_lambda_shape_dtype_and_order(xp, name):
         ("dare_linear", {"density": -1.0}, r"density must be in \(0, 1\], got -1.0"),
         ("pcb", {"clip": 0.7}, r"clip must be in \[0, 0.5\), got 0.7"),
         ("pcb", {"scope": "layer"}, "scope must be one of model, tensor, got 'layer'"),
+        ("task_arithmetic", {"lambda_": float("inf")}, "lambda must be finite, got inf"),
+        ("pcb", {"lambda_": float("nan")}, "lambda must be finite, got nan"),
     ],
 )
 def test_bad_parameters_name_the_parameter(name, kw, msg):
