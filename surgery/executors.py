@@ -313,7 +313,7 @@ def _get(ray, ref, name: str, max_retries: int) -> TensorResult:
     from ray import exceptions as rex
 
     try:
-        return ray.get(ref)
+        res = ray.get(ref)
     except rex.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, Exception) and not isinstance(cause, rex.RayError):
@@ -327,3 +327,14 @@ def _get(ray, ref, name: str, max_retries: int) -> TensorResult:
             f"{name}: lost on the Ray cluster after {max_retries} retries "
             f"({type(e).__name__}); rerun the same command with --resume to continue"
         ) from None
+    lr = res.lowrank
+    flags = [getattr(x, "flags", None) for x in ((lr.A, lr.B) if lr is not None else ())]
+    if flags and not all(f is None or f.writeable for f in flags):
+        # numpy results come back as read-only views of the object store: own them, as a
+        # serial run would (adapter writers hand them to torch.from_numpy).
+        import dataclasses
+
+        import numpy as np
+
+        res.lowrank = dataclasses.replace(lr, A=np.array(lr.A), B=np.array(lr.B))
+    return res

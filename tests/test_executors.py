@@ -440,3 +440,86 @@ def test_unknown_executor_is_refused_before_writing(model, tmp_path):
     with pytest.raises(SurgeryError, match="unknown executor 'dask'"):
         execute(svd_job(model, tmp_path / "o", executor="dask"))
     assert not (tmp_path / "o").exists()
+
+
+# -- the real verbs through every executor -------------------------------------------------------
+@pytest.fixture(scope="module")
+def tuned(model):
+    t1 = demo.finetune(model, model.parent / "ft1", seed=1, scale=0.02, rank=8)
+    t2 = demo.finetune(model, model.parent / "ft2", seed=2, scale=0.02)
+    return t1, t2
+
+
+def _verb(kind: str, model: Path, tuned: tuple[Path, Path], out: Path, **options) -> Path:
+    from surgery.decompose import decompose, extract
+    from surgery.merge import merge
+
+    options = dict(out=out, shard_size="300KB", **options)
+    if kind == "decompose":  # full SVD (niter=0) and randomized (the default at this size)
+        return decompose(str(model), method="pissa", rank=16, params=["niter=0"], **options)
+    if kind == "decompose-kasa":
+        return decompose(str(model), method="kasa", rank=8, **options)
+    if kind == "extract":
+        return extract(str(model), str(tuned[0]), rank=8, **options)
+    if kind == "extract-budget":  # a read-only pass (map_tasks) before the write pass
+        return extract(str(model), str(tuned[1]), budget=40, **options)
+    return merge([str(t) for t in tuned], base=str(model), method="ties", params=["density=0.5"],
+                 **options)  # fmt: skip
+
+
+VERBS = ["decompose", "decompose-kasa", "extract", "extract-budget", "merge"]
+
+
+@pytest.fixture(scope="module")
+def serial_verbs(model, tuned, tmp_path_factory):
+    outs = {}
+    for kind in VERBS:
+        outs[kind] = _verb(kind, model, tuned, tmp_path_factory.mktemp(kind) / "out")
+    return outs
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("kind", VERBS)
+def test_real_verbs_on_ray_are_byte_identical(
+    ray_cluster, model, tuned, serial_verbs, kind, tmp_path
+):
+    out = _verb(kind, model, tuned, tmp_path / "out", executor="ray", workers=2)
+    want = digest(serial_verbs[kind])
+    assert any(k.endswith(".safetensors") for k in want)
+    assert digest(out) == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", VERBS)
+def test_real_verbs_in_a_process_pool_are_byte_identical(
+    model, tuned, serial_verbs, kind, tmp_path
+):
+    out = _verb(kind, model, tuned, tmp_path / "out", executor="process", workers=2)
+    assert digest(out) == digest(serial_verbs[kind])
+
+
+@pytest.mark.slow
+def test_cli_resume_after_killing_surgery_decompose(tmp_path):
+    """SIGKILL `surgery decompose` mid-way, rerun it with --resume: the clean run's bytes."""
+    src = demo.tiny_llama(tmp_path / "m", layers=4, hidden=256, inter=768, dtype="bfloat16")
+    cmd = [sys.executable, "-m", "cli", "decompose", str(src), "-m", "pissa", "-r", "16",
+           "-p", "niter=0", "-q"]  # fmt: skip
+    out = tmp_path / "out"
+    journal = tmp_path / ".out.surgery-tmp" / JOURNAL
+    p = subprocess.Popen([*cmd, "-o", str(out)], cwd=ROOT)
+    done = 0
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and done < 2:
+        if journal.exists():
+            done = len(journal.read_text().splitlines()) - 1
+        time.sleep(0.02)
+    assert p.poll() is None, "decompose finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists() and done >= 2
+    r = subprocess.run([*cmd, "-o", str(out), "--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    clean = tmp_path / "clean" / "out"
+    subprocess.run([*cmd, "-o", str(clean)], cwd=ROOT, check=True, capture_output=True)
+    assert digest(out) == digest(clean)
+    assert json.loads((out / "surgery.json").read_text())["summary"]["resumed_tensors"] >= 2
