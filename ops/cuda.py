@@ -136,6 +136,31 @@ def _narrow_bf16_kernel():
     )
 
 
+@functools.cache
+def _narrow_f16_kernel():
+    # c10's fp16_ieee_from_fp32_value (torch's CPU cast; F16C gives the same bits): round to
+    # nearest even with subnormals and overflow to inf by two exact power-of-two scalings;
+    # NaN → sign | 0x7E00. __f*_rn keep the compiler from fusing the steps into an FMA.
+    return cp().ElementwiseKernel(
+        "float32 x",
+        "uint16 y",
+        """
+        const unsigned int w = __float_as_uint(x);
+        const unsigned int shl1 = w + w;
+        const unsigned int sign = w & 0x80000000u;
+        const float to_inf = __uint_as_float(0x77800000u), to_zero = __uint_as_float(0x08800000u);
+        float base = __fmul_rn(__fmul_rn(fabsf(x), to_inf), to_zero);  // 2^112, then 2^-110
+        unsigned int bias = shl1 & 0xFF000000u;
+        if (bias < 0x71000000u) bias = 0x71000000u;
+        base = __fadd_rn(__uint_as_float((bias >> 1) + 0x07800000u), base);
+        const unsigned int bits = __float_as_uint(base);
+        const unsigned int nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+        y = (unsigned short)((sign >> 16) | (shl1 > 0xFF000000u ? 0x7E00u : nonsign));
+        """,
+        "surgery_f32_f16",
+    )
+
+
 def torch_to_device(t: torch.Tensor, dtype: str = "float32") -> Array:
     """Move a torch tensor to a cupy array of ``dtype`` (``float32`` or ``float64``).
 
@@ -183,8 +208,9 @@ def to_torch(x: Array, dtype: torch.dtype | None = None) -> torch.Tensor:
     if dtype == torch.bfloat16 and x.dtype in (cupy.float32, cupy.float64):
         bits = _narrow_bf16_kernel()(x.astype(cupy.float32, copy=False))
         return torch.from_numpy(to_host(bits).view(np.int16)).view(torch.bfloat16)
-    if dtype == torch.float16 and x.dtype == cupy.float32:
-        return torch.from_numpy(to_host(x.astype(cupy.float16)))
+    if dtype == torch.float16 and x.dtype in (cupy.float32, cupy.float64):
+        bits = _narrow_f16_kernel()(x.astype(cupy.float32, copy=False))
+        return torch.from_numpy(to_host(bits).view(np.int16)).view(torch.float16)
     t = torch.from_numpy(to_host(x))
     return t.to(dtype) if dtype is not None and t.dtype != dtype else t
 

@@ -669,6 +669,20 @@ def _sim_kernel(name):
         r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
         return _FakeArray(np.where(np.isnan(x._a), 0xFFFF, r).astype(np.uint16))
 
+    def f32_f16(x, *out):
+        with np.errstate(over="ignore"):
+            w = x._a.view(np.uint32)
+            u32 = np.uint32
+            shl1, sign = w + w, w & u32(0x80000000)
+            to_inf, to_zero = np.array([0x77800000, 0x08800000], np.uint32).view(np.float32)
+            base = (np.abs(x._a) * to_inf) * to_zero
+            bias = np.maximum(shl1 & u32(0xFF000000), u32(0x71000000))
+            base = ((bias >> u32(1)) + u32(0x07800000)).view(np.float32) + base
+            bits = base.view(np.uint32)
+            nonsign = ((bits >> u32(13)) & u32(0x7C00)) + (bits & u32(0xFFF))
+            y = (sign >> u32(16)) | np.where(shl1 > u32(0xFF000000), u32(0x7E00), nonsign)
+        return _FakeArray(y.astype(np.uint16))
+
     def gta(d, keep, sc, wt, k, has_keep, consensus, normalize, tdiv, lam, scale_out, out):
         d, keep, sc, wt = d._a, keep._a, sc._a, wt._a
         keeps = [keep[j] for j in range(int(k))] if has_keep else [None]
@@ -714,9 +728,16 @@ def _sim_kernel(name):
     def l1_kept(x, keep):
         return _FakeArray(np.asarray(np.abs(x._a).sum(dtype=np.float64, where=keep._a)))
 
-    table = {"surgery_bf16_f32": bf16_f32, "surgery_f32_bf16": f32_bf16, "surgery_gta": gta,
-             "surgery_pcb_balance": pcb_balance, "surgery_pcb_merge": pcb_merge,
-             "surgery_l1": l1, "surgery_l1_kept": l1_kept}  # fmt: skip
+    table = {
+        "surgery_bf16_f32": bf16_f32,
+        "surgery_f32_bf16": f32_bf16,
+        "surgery_f32_f16": f32_f16,
+        "surgery_gta": gta,
+        "surgery_pcb_balance": pcb_balance,
+        "surgery_pcb_merge": pcb_merge,
+        "surgery_l1": l1,
+        "surgery_l1_kept": l1_kept,
+    }
     return table[name]
 
 
@@ -774,7 +795,8 @@ def fake_cupy(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupyx.scipy", fake_scipy)
     monkeypatch.setitem(sys.modules, "cupyx.scipy.linalg", fake_scipy.linalg)
     caches = [cuda._gta_kernel, cuda._pcb_balance_kernel, cuda._pcb_merge_kernel,
-              cuda._l1_kernels, cuda._widen_bf16_kernel, cuda._narrow_bf16_kernel]  # fmt: skip
+              cuda._l1_kernels, cuda._widen_bf16_kernel, cuda._narrow_bf16_kernel,
+              cuda._narrow_f16_kernel]  # fmt: skip
     for c in caches:
         c.cache_clear()
     yield fake
@@ -858,6 +880,8 @@ def test_simulated_device_transfers_round_trip_bitwise(fake_cupy):
 
     f = np.random.default_rng(0).standard_normal(50_000).astype(np.float32) * 1e3
     f[:6] = [np.nan, np.inf, -np.inf, 1.00390625, -1.01171875, 3e38]  # ties, overflow to inf
+    f[6:16] = [-np.nan, 65520.0, 65519.0, 1e-8, -3e-5, 6e-8, 2.98e-8, 1e-45, -0.0, 0.5 + 2**-12]
+    f[16:1016] = np.random.default_rng(1).standard_normal(1000) * 1e-5  # fp16 subnormals
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         t = torch.from_numpy(f).to(dt)
         x = to_xp(t, "gpu")
