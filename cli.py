@@ -176,6 +176,22 @@ def methods(kind: str | None, as_json: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, help="Branch to commit to (created if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
+@click.option("--commit-message", default=None, help="Default: what surgery.json says was done.")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login).")
+def push(folder, repo_id, private, revision, create_pr, commit_message, token) -> None:
+    """Upload FOLDER to the Hub repo REPO_ID in one commit and print the commit URL."""
+    from surgery.hub import push as hub_push
+
+    opts = dict(private=private, revision=revision, create_pr=create_pr)
+    click.echo(hub_push(folder, repo_id, token=token, commit_message=commit_message, **opts))
+
+
+@cli.command(context_settings=CONTEXT)
 @click.argument("src")
 @click.option("-m", "--method", default="probe", show_default=True, help="probe or project_out.")
 @click.option("--probe", required=True, help="safetensors file holding 'probe' [hidden].")
@@ -212,19 +228,25 @@ def probe(src, data, out, **kw):
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("folder", type=click.Path(file_okay=False))
-@click.argument("repo_id")
-@click.option("--private", is_flag=True, help="Create the repo private.")
-@click.option("--revision", default=None, help="Branch to commit to (created if missing).")
-@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
-@click.option("--commit-message", default=None, help="Default: what surgery.json says was done.")
-@click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login).")
-def push(folder, repo_id, private, revision, create_pr, commit_message, token) -> None:
-    """Upload FOLDER to the Hub repo REPO_ID in one commit and print the commit URL."""
-    from surgery.hub import push as hub_push
+@click.argument("models", nargs=-1)
+@click.option("--base", default=None, help="The base checkpoint (task vectors are model − base).")
+@click.option("-m", "--method", default=None, help="ties, dare_ties, dare_linear, pcb, …")
+@click.option("-w", "--weight", "weights", type=float, multiple=True, help="One per model (1).")
+@click.option("-p", "--param", "params", multiple=True, help="key=value method parameter.")
+@click.option("--config", type=click.Path(dir_okay=False), default=None, help="A mergekit YAML.")
+@click.option("-r", "--rank", type=int, default=None, help="Adapter merges: output rank.")
+@writing_options
+def merge(models, base, method, weights, params, config, rank, quiet, **common):
+    """Merge fine-tunes MODEL... of one --base (TIES, DARE, PCB, task arithmetic).
 
-    opts = dict(private=private, revision=revision, create_pr=create_pr)
-    click.echo(hub_push(folder, repo_id, token=token, commit_message=commit_message, **opts))
+    When every MODEL is a PEFT adapter of one base, the merge runs per module in delta space and
+    writes one adapter, re-factored to rank -r (default: the sum of the input ranks)."""
+    from surgery.merge import merge as api_fn
+
+    if rank is not None:
+        common["rank"] = rank
+    run_verb(api_fn, list(models), base=base, method=method, weights=list(weights) or None,
+             params=list(params), config=config, quiet=quiet, **common)  # fmt: skip
 
 
 @cli.command(context_settings=CONTEXT)
@@ -452,6 +474,25 @@ def extract(base, tuned, params, plot, quiet, **common):
     plot_report = _plotter(plot, common)
     run_verb(api_fn, base, tuned, params=list(params), quiet=quiet, **common)
     plot_report()
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("-o", "--out", type=click.Path(), default="demo-out", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("-q", "--quiet", is_flag=True)
+def demo(out: str, force: bool, quiet: bool) -> None:
+    """Run the main job on an embedded tiny model: calibrate + CorDA decompose (no download)."""
+    from surgery.demo import run_demo
+
+    r = run_demo(out, force=force)
+    click.echo(f"built a tiny Llama checkpoint:  {r['model']}")
+    click.echo(f"and a calibration JSONL:        {r['calib']}")
+    click.echo(f"ran: surgery decompose {r['model']} --calib {r['calib']} -m corda -r {r['rank']} "
+               f"-o {r['output']}")
+    click.echo(f"residual model: {r['output']}   PEFT adapter: {r['adapter']} "
+               f"({r['modules']} modules, rank {r['rank']})")
+    click.echo(f"check: residual + adapter == original weights, max relative error "
+               f"{r['max_rel_error']:.2e}   ({r['seconds']} s)")
 
 
 def main() -> None:

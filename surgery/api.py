@@ -155,7 +155,9 @@ def format_inspect(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+from .decompose import decompose, extract  # noqa: E402, F401  (PiSSA/CorDA/KaSA, LoRA extraction)
 from .edit import edit  # noqa: E402, F401  (re-export: probe edit, project_out)
 from .hub import push  # noqa: E402, F401  (re-export: upload a folder to the Hub)
 from .lifecycle import apply, convert, merge_adapters, port  # noqa: E402, F401  (adapters)
+from .merge import merge  # noqa: E402, F401  (re-export: task arithmetic, TIES, DARE, PCB)
 from .plot import plot_report, plot_spectra  # noqa: E402, F401  (matplotlib loaded lazily)
