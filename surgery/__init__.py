@@ -10,4 +10,20 @@ __version__ = "0.1.0"
 
 from .errors import SurgeryError
 
-__all__ = ["SurgeryError", "__version__"]
+# The verbs live in ``surgery.api`` (``import surgery.api as api; api.merge(...)``). The ones whose
+# names do not collide with a submodule (``surgery.merge`` is the merge module) are re-exported
+# here lazily, so importing the package stays cheap for the CLI's --help.
+_API = ("open_checkpoint", "inspect", "extract", "apply", "port", "convert", "merge_adapters",
+        "push", "plot_spectra", "plot_report")
+# ``apply_adapter`` is the name DESIGN.md gives ``apply``.
+_ALIASES = {"apply_adapter": "apply"}
+
+__all__ = ["SurgeryError", "__version__", *_API, *_ALIASES]
+
+
+def __getattr__(name: str):
+    if name in _API or name in _ALIASES:
+        from . import api
+
+        return getattr(api, _ALIASES.get(name, name))
+    raise AttributeError(f"module 'surgery' has no attribute {name!r}")

@@ -12,7 +12,11 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 
-__all__ = ["open_checkpoint", "inspect", "spectra", "format_inspect"]
+__all__ = [
+    "open_checkpoint", "inspect", "spectra", "format_inspect", "decompose", "extract", "edit",
+    "push", "apply", "convert", "merge_adapters", "port", "merge", "plot_report", "plot_spectra",
+    "calibrate",
+]  # fmt: skip
 
 
 def open_checkpoint(src: str) -> Checkpoint:
@@ -155,6 +159,7 @@ def format_inspect(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+from .calibrate import calibrate  # noqa: E402, F401  (extra: calib; transformers loaded lazily)
 from .decompose import decompose, extract  # noqa: E402, F401  (PiSSA/CorDA/KaSA, LoRA extraction)
 from .edit import edit  # noqa: E402, F401  (re-export: probe edit, project_out)
 from .hub import push  # noqa: E402, F401  (re-export: upload a folder to the Hub)

@@ -459,8 +459,6 @@ def _fingerprint(job: Job) -> str:
 
 
 def _write_card(folder: Path, manifest: Manifest) -> None:
-    try:
-        from .card import write_card
-    except ImportError:  # card.py lands with the Hub work; outputs stay valid without it
-        return
+    from .card import write_card
+
     write_card(folder, manifest.to_dict())

@@ -95,3 +95,11 @@ def test_readme_method_table_is_current():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert markdown_table() in readme, "run `python -m surgery.methods` to refresh README.md"
+
+
+def test_package_reexports_are_lazy_and_resolve():
+    code = ("import sys, surgery; assert 'torch' not in sys.modules; "
+            "import surgery.api as api; "
+            "assert surgery.extract is api.extract and surgery.apply_adapter is api.apply; "
+            "assert callable(api.merge) and callable(api.decompose) and callable(api.calibrate)")
+    subprocess.run([sys.executable, "-c", code], check=True)
