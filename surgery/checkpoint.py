@@ -38,6 +38,7 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "AUX_FILES",
     "read_header",
+    "is_conv1d",
     "torch_dtype",
 ]
 
@@ -166,6 +167,19 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
             )
         infos[name] = TensorInfo(name, shape, dtype, path, (int(b), int(e)))
     return meta, infos
+
+
+def is_conv1d(name: str, shape: tuple[int, ...], model_type: str | None) -> bool:
+    """True for a GPT-2 style ``Conv1D`` weight (stored ``(in, out)``), from header facts only.
+
+    With a ``config.json`` the model type decides; without one, the leaf names do.
+    """
+    if len(shape) != 2 or not name.endswith(".weight"):
+        return False
+    leaf = name[: -len(".weight")].rsplit(".", 1)[-1]
+    if model_type is not None:
+        return model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_LEAVES
+    return leaf in CONV1D_LEAVES
 
 
 def _refuse_pickle(path: Path) -> SurgeryError:
@@ -307,13 +321,7 @@ class Checkpoint:
 
     def is_conv1d(self, name: str) -> bool:
         """True for a GPT-2 style ``Conv1D`` weight (stored ``(in, out)``)."""
-        info = self.info(name)
-        if len(info.shape) != 2 or not name.endswith(".weight"):
-            return False
-        leaf = name[: -len(".weight")].rsplit(".", 1)[-1]
-        if self.model_type is not None:
-            return self.model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_LEAVES
-        return leaf in CONV1D_LEAVES
+        return is_conv1d(name, self.info(name).shape, self.model_type)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape as presented to kernels: ``(out, in)`` for every 2-D weight, Conv1D included."""

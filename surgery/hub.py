@@ -263,15 +263,9 @@ class RemoteHeaders:
 
     def is_conv1d(self, name: str) -> bool:
         """True for a GPT-2 ``Conv1D`` weight (same rule as ``Checkpoint.is_conv1d``)."""
-        from .checkpoint import CONV1D_LEAVES, CONV1D_MODEL_TYPES
+        from .checkpoint import is_conv1d
 
-        info = self.info(name)
-        if len(info.shape) != 2 or not name.endswith(".weight"):
-            return False
-        leaf = name[: -len(".weight")].rsplit(".", 1)[-1]
-        if self.model_type is not None:
-            return self.model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_LEAVES
-        return leaf in CONV1D_LEAVES
+        return is_conv1d(name, self.info(name).shape, self.model_type)
 
 
 def _weight_files(siblings: list[str], index: dict[str, Any] | None) -> list[str]:

@@ -30,7 +30,7 @@ import numpy as np
 from .checkpoint import COMPUTABLE_DTYPES, Checkpoint
 from .errors import SurgeryError
 from .manifest import Manifest
-from .methods import get, parse_params
+from .methods import get, parse_pairs, parse_params
 from .run import (
     Plan,
     RunOptions,
@@ -362,16 +362,7 @@ def merge(
         models, method = cfg["models"], cfg["method"]
         base = base or cfg["base"]
         weights = list(weights) if weights else cfg["weights"]
-        given = dict(cfg["params"])
-        if isinstance(params, list):
-            for kv in params:
-                if "=" not in kv:
-                    raise SurgeryError(f"-p expects key=value, got {kv!r}")
-                key, value = kv.split("=", 1)
-                given[key.strip()] = value.strip()
-        elif params:
-            given.update(params)
-        params = given
+        params = {**cfg["params"], **parse_pairs(params)}  # -p overrides the YAML
         if options.get("dtype") is None and cfg["dtype"]:
             options["dtype"] = cfg["dtype"]
     opts = RunOptions.of(options)

@@ -79,7 +79,13 @@ _ENTRIES: list[tuple[str, str, str, str, str]] = [
     ("ops.decompose", "svd_extract", "svd_extract", "decompose", "https://arxiv.org/abs/0909.4061"),
     ("ops.edit", "probe_edit", "probe", "edit", "https://arxiv.org/abs/2407.08770"),
     ("ops.edit", "project_out", "project_out", "edit", "https://arxiv.org/abs/2004.07667"),
-    ("ops.merge", "task_arithmetic", "task_arithmetic", "merge", "https://arxiv.org/abs/2212.04089"),
+    (
+        "ops.merge",
+        "task_arithmetic",
+        "task_arithmetic",
+        "merge",
+        "https://arxiv.org/abs/2212.04089",
+    ),
     ("ops.merge", "ties", "ties", "merge", "https://arxiv.org/abs/2306.01708"),
     ("ops.merge", "dare_linear", "dare_linear", "merge", "https://arxiv.org/abs/2311.03099"),
     ("ops.merge", "dare_ties", "dare_ties", "merge", "https://arxiv.org/abs/2311.03099"),
@@ -177,6 +183,23 @@ def _coerce(param: Param, value: Any, method: str) -> Any:
         ) from None
 
 
+def parse_pairs(given: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    """``["density=0.2", "lambda=1"]`` (the CLI's ``-p``) or a dict → a dict of raw values.
+
+    Raises:
+        SurgeryError: an item without ``=``.
+    """
+    if not isinstance(given, list):
+        return dict(given or {})
+    pairs: dict[str, Any] = {}
+    for item in given:
+        if "=" not in item:
+            raise SurgeryError(f"-p expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        pairs[k.strip()] = v.strip()
+    return pairs
+
+
 def parse_params(method: Method, given: dict[str, Any] | list[str] | None) -> dict[str, Any]:
     """Validate and coerce user parameters (``["density=0.2"]`` or a dict) against the schema.
 
@@ -187,15 +210,7 @@ def parse_params(method: Method, given: dict[str, Any] | list[str] | None) -> di
         SurgeryError: unknown key (with the valid list), bad value, malformed ``key=value``.
     """
     sch = schema(method)
-    pairs: dict[str, Any] = {}
-    if isinstance(given, list):
-        for item in given:
-            if "=" not in item:
-                raise SurgeryError(f"-p expects key=value, got {item!r}")
-            k, v = item.split("=", 1)
-            pairs[k.strip()] = v.strip()
-    elif given:
-        pairs = dict(given)
+    pairs = parse_pairs(given)
     out: dict[str, Any] = {}
     for k, v in pairs.items():
         p = sch.get(k) or sch.get(k.rstrip("_"))
@@ -240,12 +255,16 @@ def describe(kind: str | None = None) -> list[dict[str, Any]]:
 
 def markdown_table() -> str:
     """The README's method table, generated from the registry."""
-    lines = ["| method | kind | what it does | parameters (defaults) | paper |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | kind | what it does | parameters (defaults) | paper |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in sorted(describe(), key=lambda r: (r["kind"], r["name"])):
         params = ", ".join(f"`{k}={v}`" for k, v in r["params"].items()) or "—"
-        lines.append(f"| `{r['name']}` | {r['kind']} | {r['summary']} | {params} | "
-                     f"[link]({r['reference']}) |")
+        lines.append(
+            f"| `{r['name']}` | {r['kind']} | {r['summary']} | {params} | "
+            f"[link]({r['reference']}) |"
+        )
     return "\n".join(lines)
 
 
