@@ -196,13 +196,15 @@ def _call(task: Callable[[str], TensorResult], name: str) -> TensorResult:
         release_memory()
 
 
-class _GpuWorker:
-    """One per GPU: the CUDA context, cuSOLVER handle and memory pool live as long as the run."""
+class _Worker:
+    """A long-lived actor; one per GPU: the CUDA context, cuSOLVER handle and memory pool live
+    as long as the run instead of being set up per task."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str) -> None:
         from ops.backend import select_device
 
-        self.device = select_device("gpu")  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU before it starts.
+        self.device = select_device(device)
 
     def run(self, task: Callable[[str], TensorResult], name: str) -> TensorResult:
         return _call(task, name)
@@ -223,16 +225,20 @@ def map_ray(
     address: str | None = None,
     device: str = "cpu",
     max_retries: int = 3,
+    actors: int | None = None,
 ) -> Iterator[TensorResult]:
     """Yield ``task(name)`` for every name of ``order`` from Ray workers, in completion order.
 
     Args:
         task: picklable ``name -> TensorResult`` (see the module docstring).
         order: tensor names, largest first (submission order).
-        workers: concurrent tasks (``≤ 1``: every CPU, or every GPU, of the cluster).
+        workers: concurrent tasks (``≤ 1``: the whole cluster: one task per 2 CPUs, or one actor
+            per GPU).
         address: see :func:`connect`.
-        device: ``cpu`` (plain tasks, one CPU each) or ``gpu`` (one actor per GPU).
+        device: ``cpu`` (plain tasks, 2 BLAS threads each) or ``gpu`` (one actor per GPU).
         max_retries: retries of a task whose worker died or that raised ``OSError``/``MemoryError``.
+        actors: run on this many long-lived actors (``num_gpus=1`` each for ``gpu``,
+            ``num_cpus=1`` for ``cpu``) instead of tasks; default: actors only for ``gpu``.
 
     Raises:
         SurgeryError: from the task (inputs), or :class:`Interrupted` when retries run out.
@@ -241,35 +247,40 @@ def map_ray(
     if not order:
         return
     task_ref = ray.put(task)
-    if device == "gpu":
-        n = _slots(ray, workers, "GPU")
-        if not ray.cluster_resources().get("GPU"):
+    if device == "gpu" or actors:
+        if device == "gpu" and not ray.cluster_resources().get("GPU"):
             raise SurgeryError(
                 "--device gpu with --executor ray needs GPUs in the Ray cluster, and it has none"
             )
-        actor_cls = ray.remote(num_gpus=1, max_restarts=max_retries, max_task_retries=max_retries)(
-            _GpuWorker
+        n = actors or _slots(ray, workers, "GPU")
+        res = {"num_gpus": 1} if device == "gpu" else {"num_cpus": 1}
+        actor_cls = ray.remote(_Worker).options(
+            **res,
+            max_restarts=max_retries,
+            max_task_retries=max_retries,
+            runtime_env={"env_vars": thread_env(MIN_THREADS)},
         )
-        actors = [actor_cls.remote() for _ in range(n)]
-        log.info("ray: %d GPU actor(s) for %d tensors", n, len(order))
-        per_actor = 2
+        pool = [actor_cls.remote(device) for _ in range(n)]
+        log.info("ray: %d %s actor(s) for %d tensors", n, device, len(order))
         load = dict.fromkeys(range(n), 0)
         owner: dict[Any, int] = {}
 
         def submit(name: str):
             i = min(load, key=load.__getitem__)  # the least busy actor
             load[i] += 1
-            ref = actors[i].run.remote(task_ref, name)
+            ref = pool[i].run.remote(task_ref, name)
             owner[ref] = i
             return ref
 
-        bound = per_actor * n
+        bound = 2 * n  # one queued per actor: it never waits for the driver's round trip
     else:
         # Two CPUs and two BLAS threads per task: no oversubscription, and the threaded
         # OpenBLAS path of the serial run (see worker_threads). Own env → own worker processes.
-        n = max(1, _slots(ray, workers, "CPU") // (MIN_THREADS if workers <= 1 else 1))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        per_task = MIN_THREADS if workers <= 1 and cpus >= MIN_THREADS else 1
+        n = max(1, _slots(ray, workers, "CPU") // per_task)
         remote = ray.remote(_call).options(
-            num_cpus=MIN_THREADS if workers <= 1 else 1,
+            num_cpus=per_task,
             max_retries=max_retries,
             retry_exceptions=RETRY_EXCEPTIONS,
             runtime_env={"env_vars": thread_env(MIN_THREADS)},
