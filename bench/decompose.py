@@ -11,14 +11,34 @@
     reported too), the principal error ``√(Σ‖W − s·BA‖²) / ‖W‖`` against its optimum, and the
     reconstruction error of ``W_res(bf16) + s·BA`` against ``W``.
 
-Every tool runs in its own subprocess limited to 2 BLAS/torch threads (the CI machine's size).
+Every tool runs in its own subprocess limited to ``--threads`` BLAS/torch threads (default 2, the CI
+machine's size). On a machine shared with other jobs, multi-threaded OpenBLAS degrades badly (a
+2048×42 QR measured 160 ms with 2 threads against 3-15 ms with 1 under a load average of 10), so
+``--threads 1`` gives the comparable figures there.
 The pair: ``surgery.demo.tiny_llama`` (hidden 768, intermediate 2048, 8 layers, vocab 32000:
 ≈107M parameters, bf16) and a fine-tune whose linear task vectors are a rank-64 component plus a
 dense floor (a decaying-then-flat spectrum, like real fine-tunes); embeddings and norms unchanged.
 
 Usage::
 
-    python bench/decompose.py [--rank 32] [--layers 8] [--work bench/_work/decompose]
+    python bench/decompose.py [--rank 32] [--threads 1|2] [--work bench/_work/decompose]
+
+Measured 2026-11-23 on the 2-core dev box shared with other jobs (load average 7-11), 99.5M
+parameters, r = 32, ``--threads 1`` (wall seconds of each CLI, start-up included):
+
+=====================================  =======  =================================================
+run                                    seconds  error (relative Frobenius)
+=====================================  =======  =================================================
+surgery extract -r 32                    8.6    0.63086 (optimum 0.62785: +0.48 %)
+mergekit-extract-lora --max-rank 32     24.5    0.62785 (exact SVD)
+surgery decompose -m pissa -r 32         4.7    principal 0.92033 (optimum 0.91720), recon 1.5e-3
+PEFT pissa_niter_4 (load+init+save)     10.2    principal 0.92217, recon 1.8e-3 (init alone 1.6 s)
+PEFT pissa (full SVD)                   20.6    principal 0.91720, recon 1.8e-3 (init 11.9 s)
+=====================================  =======  =================================================
+
+With ``--threads 2`` on the same loaded box every time grew 3-30× (extract 147 s vs mergekit 224 s;
+PiSSA 27 s vs PEFT pissa_niter_4 65 s and pissa 422 s): OpenBLAS threads stall when the cores are
+oversubscribed. ``recon`` is the bf16 rounding of the stored residual.
 """
 
 from __future__ import annotations
@@ -38,9 +58,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 MERGEKIT = ROOT / "bench" / "_work" / "venv-mergekit" / "bin" / "mergekit-extract-lora"
-THREADS = "2"
-ENV = dict(os.environ, OMP_NUM_THREADS=THREADS, OPENBLAS_NUM_THREADS=THREADS,
-           MKL_NUM_THREADS=THREADS, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")  # fmt: skip
+THREADS = os.environ.get("BENCH_THREADS", "2")
+ENV: dict[str, str] = {}
+
+
+def set_threads(n: int) -> None:
+    """BLAS/OpenMP/torch threads of every tool's subprocess (BENCH_THREADS reaches PEFT's too)."""
+    global THREADS, ENV
+    THREADS = str(n)
+    ENV = dict(os.environ, OMP_NUM_THREADS=THREADS, OPENBLAS_NUM_THREADS=THREADS,
+               MKL_NUM_THREADS=THREADS, BENCH_THREADS=THREADS, HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")  # fmt: skip
+
+
+set_threads(int(THREADS))
 
 
 def linear_names(ckpt) -> list[str]:
@@ -193,12 +224,14 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "decompose")
     ap.add_argument("--skip", default="", help="comma list of: mergekit, pissa, niter4")
+    ap.add_argument("--threads", type=int, default=2, help="BLAS/torch threads per tool (2)")
     ap.add_argument("--peft-pissa", nargs=4, metavar=("BASE", "INIT", "RANK", "OUT"),
                     help=argparse.SUPPRESS)  # fmt: skip
     a = ap.parse_args()
     if a.peft_pissa:
         b, init, r, o = a.peft_pissa
         return peft_pissa(b, init, int(r), o)
+    set_threads(a.threads)
     skip = set(filter(None, a.skip.split(",")))
     work = a.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
