@@ -169,6 +169,21 @@ def _write_adapter(
 
 # --------------------------------------------------------------------------- decompose
 
+
+def _decomposed_by(ckpt: Checkpoint) -> str | None:
+    """The method of the ``surgery decompose`` run that wrote ``ckpt``, if its surgery.json says."""
+    import json
+
+    f = ckpt.root / "surgery.json" if ckpt.root.is_dir() else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        man = json.loads(f.read_text())
+    except ValueError:
+        return None
+    return man.get("method") if man.get("verb") == "decompose" else None
+
+
 _STATS_CACHE: dict[str, Any] = {}
 
 
@@ -277,6 +292,12 @@ def decompose(
                 f"rank {rank} exceeds min(out, in) = {min(ckpt.shape(n))} for {n} "
                 f"{list(ckpt.shape(n))}; use --rank ≤ {min(ckpt.shape(n))} or --exclude it"
             )
+    if m.name in _TRUNCATING and _decomposed_by(ckpt) == m.name:
+        # A second KaSA pass would drop r more components of an already truncated base.
+        problems.append(
+            f"{src} is already a {m.name} residual (its surgery.json says so); decompose the "
+            "original model instead, or `surgery convert` the adapter"
+        )
     stats_path: str | None = None
     if _needs(m.fn, "cov"):
         if stats is None and calib is None:
@@ -314,8 +335,9 @@ def decompose(
                    seed=opts.seed, device=device)  # fmt: skip
     man.add_input("src", ckpt)
     man.dtypes = {"compute": "float32", "output": opts.dtype or "stored", "adapter": "float32"}
-    if stats_path is not None:
-        man.summary["stats"] = stats_path
+    if stats_path is not None:  # name and fingerprint only: no local paths in a pushed folder
+        st = _stats(stats_path)
+        man.summary["stats"] = {"file": Path(stats_path).name, "fingerprint": st.fingerprint}
     task = functools.partial(
         _decompose_task, ckpt, m.fn, p, rank, scale, stats_path, opts.seed, device, opts.dtype
     )

@@ -156,6 +156,8 @@ def test_kasa_truncates_once_and_adapter_is_zero(tmp_path):
     np.testing.assert_allclose(sb[: k - 4], s[: k - 4], rtol=1e-5)
     assert np.all(sb[k - 4 :] < 1e-5 * s[0])
     man = json.loads((out / "surgery.json").read_text())
+    with pytest.raises(SurgeryError, match="already a kasa residual"):
+        decompose(str(out), method="kasa", rank=4, out=tmp_path / "twice")
     row = next(t for t in man["tensors"] if t["name"] == n)
     assert row["rel_error"] == pytest.approx(
         math.sqrt((s[-4:] ** 2).sum() / (s**2).sum()), rel=1e-3
