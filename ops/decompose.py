@@ -174,7 +174,7 @@ def corda(
     cov: Array,
     mode: Literal["ipm", "kpm"] = "ipm",
     damping: float = 0.01,
-    niter: int = -1,
+    niter: int = 0,
     scale: float = 1.0,
 ) -> tuple[Array, LowRank]:
     """Split a weight along its covariance-oriented components (CorDA, IPM or KPM).
@@ -204,8 +204,10 @@ def corda(
         mode: ``ipm`` (instruction-previewed: the r largest components) or ``kpm``
             (knowledge-preserved: the r smallest; needs the full SVD).
         damping: initial relative damping λ.
-        niter: IPM only: -1 automatic, 0 exact, N > 0 randomized top-r SVD with N power
-            iterations.
+        niter: IPM only: 0 exact (the default: ``W·C`` often has a flat top spectrum, where a
+            randomized top-r subspace is as good in energy but measurably differs from the
+            components PEFT and the official code pick — ~1e-1 relative on a 4M-parameter Llama),
+            -1 automatic, N > 0 randomized top-r SVD with N power iterations.
         scale: the adapter scale ``lora_alpha / r``.
 
     Returns:
