@@ -487,12 +487,18 @@ def demo(out: str, force: bool, quiet: bool) -> None:
     r = run_demo(out, force=force)
     click.echo(f"built a tiny Llama checkpoint:  {r['model']}")
     click.echo(f"and a calibration JSONL:        {r['calib']}")
-    click.echo(f"ran: surgery decompose {r['model']} --calib {r['calib']} -m corda -r {r['rank']} "
-               f"-o {r['output']}")
-    click.echo(f"residual model: {r['output']}   PEFT adapter: {r['adapter']} "
-               f"({r['modules']} modules, rank {r['rank']})")
-    click.echo(f"check: residual + adapter == original weights, max relative error "
-               f"{r['max_rel_error']:.2e}   ({r['seconds']} s)")
+    click.echo(
+        f"ran: surgery decompose {r['model']} --calib {r['calib']} -m corda -r {r['rank']} "
+        f"-o {r['output']}"
+    )
+    click.echo(
+        f"residual model: {r['output']}   PEFT adapter: {r['adapter']} "
+        f"({r['modules']} modules, rank {r['rank']})"
+    )
+    click.echo(
+        f"check: residual + adapter == original weights, max relative error "
+        f"{r['max_rel_error']:.2e}   ({r['seconds']} s)"
+    )
 
 
 def main() -> None:

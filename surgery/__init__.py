@@ -13,8 +13,18 @@ from .errors import SurgeryError
 # The verbs live in ``surgery.api`` (``import surgery.api as api; api.merge(...)``). The ones whose
 # names do not collide with a submodule (``surgery.merge`` is the merge module) are re-exported
 # here lazily, so importing the package stays cheap for the CLI's --help.
-_API = ("open_checkpoint", "inspect", "extract", "apply", "port", "convert", "merge_adapters",
-        "push", "plot_spectra", "plot_report")
+_API = (
+    "open_checkpoint",
+    "inspect",
+    "extract",
+    "apply",
+    "port",
+    "convert",
+    "merge_adapters",
+    "push",
+    "plot_spectra",
+    "plot_report",
+)
 # ``apply_adapter`` is the name DESIGN.md gives ``apply``.
 _ALIASES = {"apply_adapter": "apply"}
 

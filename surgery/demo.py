@@ -320,8 +320,15 @@ def run_demo(out: str | Path, *, force: bool = False, progress=None) -> dict:
     model = tiny_llama(out / "inputs" / "model", layers=2, hidden=64, inter=96, vocab=128)
     calib = demo_jsonl(out / "inputs" / "calib.jsonl", n=32, vocab=128, seq=24)
     rank = 8
-    result = decompose(str(model), method="corda", rank=rank, calib=str(calib),
-                       params={"mode": "ipm"}, out=out / "corda", progress=progress)
+    result = decompose(
+        str(model),
+        method="corda",
+        rank=rank,
+        calib=str(calib),
+        params={"mode": "ipm"},
+        out=out / "corda",
+        progress=progress,
+    )
     # Check the claim: residual + scale·B@A == W for every targeted module.
     from .adapter import Adapter
 
@@ -333,6 +340,13 @@ def run_demo(out: str | Path, *, force: bool = False, progress=None) -> dict:
         w = src.get(name).double()
         rebuilt = res.get(name).double() + adapter.delta(module, torch.float64)
         worst = max(worst, float((rebuilt - w).norm() / w.norm()))
-    return {"model": str(model), "calib": str(calib), "output": str(result),
-            "adapter": str(result / "adapter"), "modules": len(adapter.modules), "rank": rank,
-            "max_rel_error": worst, "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "model": str(model),
+        "calib": str(calib),
+        "output": str(result),
+        "adapter": str(result / "adapter"),
+        "modules": len(adapter.modules),
+        "rank": rank,
+        "max_rel_error": worst,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

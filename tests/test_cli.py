@@ -22,13 +22,15 @@ def test_top_level_modules_are_ours():
 
 
 def test_help_is_fast_and_lazy():
-    code = ("import sys, time; t=time.perf_counter(); from cli import cli; "
-            "import contextlib, io\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    try: cli(['--help'])\n"
-            "    except SystemExit: pass\n"
-            "print(time.perf_counter()-t, 'torch' in sys.modules, 'numpy' in sys.modules, "
-            "'cupy' in sys.modules)")
+    code = (
+        "import sys, time; t=time.perf_counter(); from cli import cli; "
+        "import contextlib, io\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: cli(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "print(time.perf_counter()-t, 'torch' in sys.modules, 'numpy' in sys.modules, "
+        "'cupy' in sys.modules)"
+    )
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
@@ -47,8 +49,7 @@ def test_inspect_text_and_json(tiny_ckpt):
     info = json.loads(r.output)
     assert info["num_tensors"] == 22 and len(info["files"]) == 2
     assert {"name", "shape", "dtype", "shard"} <= set(info["tensors"][0])
-    assert info["num_params"] == sum(
-        __import__("math").prod(t["shape"]) for t in info["tensors"])
+    assert info["num_params"] == sum(__import__("math").prod(t["shape"]) for t in info["tensors"])
 
 
 def test_inspect_spectra(tiny_ckpt):
@@ -98,8 +99,10 @@ def test_readme_method_table_is_current():
 
 
 def test_package_reexports_are_lazy_and_resolve():
-    code = ("import sys, surgery; assert 'torch' not in sys.modules; "
-            "import surgery.api as api; "
-            "assert surgery.extract is api.extract and surgery.apply_adapter is api.apply; "
-            "assert callable(api.merge) and callable(api.decompose) and callable(api.calibrate)")
+    code = (
+        "import sys, surgery; assert 'torch' not in sys.modules; "
+        "import surgery.api as api; "
+        "assert surgery.extract is api.extract and surgery.apply_adapter is api.apply; "
+        "assert callable(api.merge) and callable(api.decompose) and callable(api.calibrate)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

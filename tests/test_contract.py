@@ -28,8 +28,10 @@ def _inputs(method, rng):
     out, n_in = (IN, IN) if method.kind == "edit" else (OUT, IN)  # edit directions: in or out space
     w = rng.standard_normal((out, n_in)).astype(np.float32)
     if method.kind == "merge":
-        args = (rng.standard_normal((K, OUT, IN)).astype(np.float32) * 0.01,
-                np.ones(K, dtype=np.float32))
+        args = (
+            rng.standard_normal((K, OUT, IN)).astype(np.float32) * 0.01,
+            np.ones(K, dtype=np.float32),
+        )
         kw["rng"] = [host_rng(0, "t", i) for i in range(K)]
     else:
         args = (w,)

@@ -12,7 +12,6 @@ from typing import Literal
 import pytest
 import torch
 
-from surgery import demo
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest
@@ -23,8 +22,11 @@ from surgery.targets import layer_of, module_of, parse_layers, select
 
 def _scale_task(ckpt, factor, dtype, name):
     w = load(ckpt, name)
-    return TensorResult(name, tensor=store(ckpt, name, w * factor, out_dtype_name(dtype,
-                        ckpt.dtype(name))), report={"action": "scaled"})
+    return TensorResult(
+        name,
+        tensor=store(ckpt, name, w * factor, out_dtype_name(dtype, ckpt.dtype(name))),
+        report={"action": "scaled"},
+    )
 
 
 # -- targets ------------------------------------------------------------------------------------
@@ -40,8 +42,9 @@ def test_select_all_linear_excludes_embeddings_head_and_non_float(tiny_ckpt):
 
 def test_select_suffix_regex_exclude_layers(tiny_ckpt):
     c = Checkpoint.open(tiny_ckpt(layers=3))
-    assert select(c, "q_proj,v_proj") == [n for n in c.names()
-                                          if n.endswith(("q_proj.weight", "v_proj.weight"))]
+    assert select(c, "q_proj,v_proj") == [
+        n for n in c.names() if n.endswith(("q_proj.weight", "v_proj.weight"))
+    ]
     assert len(select(c, "mlp.down_proj")) == 3
     assert len(select(c, r".*\.self_attn\.(q|k)_proj")) == 6
     assert len(select(c, "all-linear", exclude=r".*\.mlp\..*")) == 3 * 4
@@ -62,8 +65,17 @@ def test_select_gpt2_conv1d(tiny_gpt2):
 
 
 # -- registry schema ----------------------------------------------------------------------------
-def _kernel(w, *, rng=None, rank: int = 1, density: float = 0.5, lambda_: float = 1.0,
-            mode: Literal["ipm", "kpm"] = "ipm", normalize: bool = False, niter: int | None = None):
+def _kernel(
+    w,
+    *,
+    rng=None,
+    rank: int = 1,
+    density: float = 0.5,
+    lambda_: float = 1.0,
+    mode: Literal["ipm", "kpm"] = "ipm",
+    normalize: bool = False,
+    niter: int | None = None,
+):
     """Do a thing."""
     return w
 
@@ -92,8 +104,9 @@ def test_execute_writes_model_manifest_and_copies_through(tmp_path, tiny_ckpt):
     opts = RunOptions.of({"out": tmp_path / "out", "shard_size": "20KB"})
     man = Manifest("scale")
     man.add_input("src", src)
-    out = execute(opts.job("scale", man, names, functools.partial(_scale_task, src, 2.0, None),
-                           template=src))
+    out = execute(
+        opts.job("scale", man, names, functools.partial(_scale_task, src, 2.0, None), template=src)
+    )
     dst = Checkpoint.open(out)
     assert sorted(dst.names()) == sorted(src.names())
     for n in src.names():
@@ -115,9 +128,14 @@ def test_execute_dtype_override_and_determinism(tmp_path, tiny_ckpt):
 
     def run(out):
         opts = RunOptions.of({"out": out, "dtype": "bf16"})
-        job = opts.job("scale", Manifest("scale"), names,
-                       functools.partial(_scale_task, src, 1.0, "bf16"), template=src,
-                       out_dtypes={n: "BF16" for n in names})
+        job = opts.job(
+            "scale",
+            Manifest("scale"),
+            names,
+            functools.partial(_scale_task, src, 1.0, "bf16"),
+            template=src,
+            out_dtypes={n: "BF16" for n in names},
+        )
         return execute(job)
 
     a, b = run(tmp_path / "a"), run(tmp_path / "b")
@@ -130,9 +148,15 @@ def test_execute_dtype_override_and_determinism(tmp_path, tiny_ckpt):
 def test_execute_conv1d_roundtrip(tmp_path, tiny_gpt2):
     src = Checkpoint.open(tiny_gpt2())
     names = select(src)
-    out = execute(RunOptions.of({"out": tmp_path / "o"}).job(
-        "scale", Manifest("scale"), names, functools.partial(_scale_task, src, 3.0, None),
-        template=src))
+    out = execute(
+        RunOptions.of({"out": tmp_path / "o"}).job(
+            "scale",
+            Manifest("scale"),
+            names,
+            functools.partial(_scale_task, src, 3.0, None),
+            template=src,
+        )
+    )
     dst = Checkpoint.open(out)
     for n in names:
         assert dst.info(n).shape == src.info(n).shape  # stored (in, out) layout kept
@@ -142,9 +166,15 @@ def test_execute_conv1d_roundtrip(tmp_path, tiny_gpt2):
 def test_dry_run_writes_nothing(tmp_path, tiny_ckpt):
     src = Checkpoint.open(tiny_ckpt())
     names = select(src)
-    plan = execute(RunOptions.of({"out": tmp_path / "o", "dry_run": True}).job(
-        "scale", Manifest("scale"), names, functools.partial(_scale_task, src, 1.0, None),
-        template=src))
+    plan = execute(
+        RunOptions.of({"out": tmp_path / "o", "dry_run": True}).job(
+            "scale",
+            Manifest("scale"),
+            names,
+            functools.partial(_scale_task, src, 1.0, None),
+            template=src,
+        )
+    )
     assert isinstance(plan, Plan)
     assert plan.computed == len(names) and plan.copied == len(src) - len(names)
     assert plan.output_bytes == src.nbytes and plan.peak_memory > 0
@@ -201,15 +231,21 @@ def test_peak_memory_bounded_by_one_tensor(tmp_path):
     from surgery.demo import save_checkpoint
 
     g = torch.Generator().manual_seed(0)
-    big = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(2048, 2048, generator=g)
-           for i in range(24)}  # 24 × 16 MiB = 384 MiB
+    big = {
+        f"model.layers.{i}.mlp.up_proj.weight": torch.randn(2048, 2048, generator=g)
+        for i in range(24)
+    }  # 24 × 16 MiB = 384 MiB
     save_checkpoint(big, tmp_path / "big")
     small = {"model.layers.0.mlp.up_proj.weight": torch.randn(8, 8, generator=g)}
     save_checkpoint(small, tmp_path / "small")
 
     def peak(src, out):
-        r = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(src), str(out), "up_proj"],
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [sys.executable, "-c", _MEM_SCRIPT, str(src), str(out), "up_proj"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return int(r.stdout.strip().splitlines()[-1])
 
     base = peak(tmp_path / "small", tmp_path / "o1")

@@ -1,4 +1,4 @@
-"""Checkpoint and writer: header-only reads, round trips, byte-identical copy-through, atomic output."""
+"""Checkpoint and writer: header-only reads, round trips, byte-exact copy-through, atomic output."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ def _all(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_sharded_equals_unsharded(tmp_path, dtype):
     one = Checkpoint.open(demo.tiny_llama(tmp_path / "one", dtype=dtype, int_buffer=True))
-    three = Checkpoint.open(demo.tiny_llama(tmp_path / "three", dtype=dtype, shards=3,
-                                            int_buffer=True))
+    three = Checkpoint.open(
+        demo.tiny_llama(tmp_path / "three", dtype=dtype, shards=3, int_buffer=True)
+    )
     assert len(three.files) == 3
     assert sorted(one.names()) == sorted(three.names())
     for n in one.names():
@@ -73,7 +74,10 @@ def test_preflight_reads_no_tensor_data(tmp_path):
     for i in range(n_t):
         nbytes = rows * cols * 4
         header[f"model.layers.{i}.mlp.up_proj.weight"] = {
-            "dtype": "F32", "shape": [rows, cols], "data_offsets": [off, off + nbytes]}
+            "dtype": "F32",
+            "shape": [rows, cols],
+            "data_offsets": [off, off + nbytes],
+        }
         off += nbytes
     raw = json.dumps(header).encode()
     with open(path, "wb") as f:
@@ -167,8 +171,9 @@ def test_writer_layout_index_and_determinism(tmp_path):
 def test_writer_single_file_when_it_fits(tmp_path):
     src = Checkpoint.open(demo.tiny_llama(tmp_path / "m"))
     (tmp_path / "o").mkdir()
-    w = ShardWriter(tmp_path / "o", [Entry(n, src.dtype(n), src.info(n).shape)
-                                     for n in src.names()])
+    w = ShardWriter(
+        tmp_path / "o", [Entry(n, src.dtype(n), src.info(n).shape) for n in src.names()]
+    )
     for n in src.names():
         w.write_bytes(n, src.read_bytes(n))
     w.close()
@@ -254,8 +259,10 @@ def test_killed_run_leaves_no_output(tmp_path):
 
 def test_save_file_compat_roundtrip(tmp_path):
     """Files written by the safetensors library itself are read identically."""
-    t = {"x": torch.arange(6, dtype=torch.float32).reshape(2, 3),
-         "i": torch.tensor([1, 2], dtype=torch.int64)}
+    t = {
+        "x": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "i": torch.tensor([1, 2], dtype=torch.int64),
+    }
     save_file(t, str(tmp_path / "m.safetensors"))
     c = Checkpoint.open(tmp_path / "m.safetensors")
     assert torch.equal(c.raw("x"), t["x"]) and torch.equal(c.raw("i"), t["i"])
