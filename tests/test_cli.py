@@ -106,3 +106,18 @@ def test_package_reexports_are_lazy_and_resolve():
         "assert callable(api.merge) and callable(api.decompose) and callable(api.calibrate)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ruff_lint_and_format_clean():
+    """The style gate (DESIGN.md: ruff at line length 100) runs with the suite."""
+    import shutil
+
+    ruff = shutil.which("ruff")
+    if ruff is None:  # the `test` extra installs it; a bare environment may not have it
+        import pytest
+
+        pytest.skip("ruff not installed")
+    root = Path(__file__).resolve().parents[1]
+    for args in (["check", "."], ["format", "--check", "."]):
+        r = subprocess.run([ruff, *args], cwd=root, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
