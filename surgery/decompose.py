@@ -320,10 +320,13 @@ def decompose(
         log.warning("%s does not use calibration statistics; --stats/--calib ignored", m.name)
     _fail(problems, f"cannot decompose {src} with {m.name} (nothing was written)")
     if stats_path is None and calib is not None and _needs(m.fn, "cov") and not opts.dry_run:
-        from .calibrate import calibrate
+        from .calibrate import calibrate_beside
 
-        stats_path = str(calibrate(ckpt, calib, targets=opts.targets, exclude=opts.exclude,
-                                   layers=opts.layers))  # fmt: skip
+        # Same place as the CLI's `decompose --calib`: OUT.stats.safetensors beside the output
+        # (outside OUT, so the output stays atomic and the covariances are never pushed).
+        found, _ = calibrate_beside(src, calib, opts.out, method=m.name, targets=opts.targets,
+                                    exclude=opts.exclude, layers=opts.layers)  # fmt: skip
+        stats_path = str(found)
         from .stats import Stats
 
         _fail(Stats.open(stats_path).check(ckpt, [module_of(n) for n in names]),

@@ -297,7 +297,8 @@ def run_demo(out: str | Path, *, force: bool = False, progress=None) -> dict:
 
     Builds a tiny Llama checkpoint and a calibration JSONL under ``out/inputs`` (seeded; nothing is
     downloaded), runs ``surgery decompose inputs/model --calib inputs/calib.jsonl -m corda -r 8``
-    into ``out/corda``, then checks that residual + adapter reproduce the original weights.
+    into ``out/corda`` (stats kept beside it as ``out/corda.stats.safetensors``), then checks that
+    residual + adapter reproduce the original weights.
 
     Returns:
         A summary dict (paths, modules, rank, worst relative reconstruction error, seconds).
