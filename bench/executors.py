@@ -13,11 +13,14 @@ It reports, per executor:
   start-up (pool spawn, Ray instance);
 * whether the output bytes equal the serial run's (they must).
 
-It then fits the single-thread SVD cost ``t = a·m·n² + b·n³`` (``m ≥ n``) to the per-task CPU
-seconds of the pool workers (one BLAS thread each) and writes a scaling estimate for the 560 linear
-weights of a Llama-2-70B on N nodes: an LPT schedule of the predicted task times over N × cores
-slots, the critical path (the largest SVD), and the floor set by the driver receiving every
-residual (the driver alone writes the output). Usage::
+It then fits one effective flop rate to ``t = (6·m·n² + 20·n³) / rate`` (R-SVD flops, ``m ≥ n``)
+over the per-task CPU seconds of the pool/Ray workers (two BLAS threads each: see
+``surgery.executors.worker_threads``) and writes a scaling estimate for the 560 linear weights of
+a Llama-2-70B on N nodes: an LPT schedule of the predicted task times over N × cores slots
+(core-seconds on cores), the critical path (the largest SVD), and the floor set by the driver
+receiving every residual (the driver alone writes the output). CPU seconds include OpenBLAS
+spin-waiting when the machine is oversubscribed; the load average is printed so that a noisy run
+can be recognised. Usage::
 
     python bench/executors.py [--workers 2] [--executors serial,process,ray] [--small]
         [--cores-per-node 32] [--driver-gbps 1.25] [--json bench/_work/executors.json]
@@ -150,19 +153,20 @@ def noop_overhead(executor: str, workers: int, n: int) -> tuple[float, float]:
 
 
 # -- the scaling model ---------------------------------------------------------------------------
-def fit_cost(rows: list[tuple[int, int, float]]) -> tuple[float, float]:
-    """Least squares ``t = a·m·n² + b·n³`` (``m ≥ n``) over (m, n, seconds) rows."""
-    x = np.array([[max(m, n) * min(m, n) ** 2, min(m, n) ** 3] for m, n, _ in rows], dtype=float)
-    y = np.array([t for _, _, t in rows])
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-    a, b = (float(c) for c in coef)
-    if b < 0 or a < 0:  # ill-conditioned on few shapes: one shared coefficient
-        a = b = float(np.sum(y) / np.sum(x[:, 0] + x[:, 1]))
-    return a, b
+def svd_flops(m: int, n: int) -> float:
+    """Flops of a thin SVD with vectors, R-SVD: ``6·m·n² + 20·n³`` (``m ≥ n``; Golub & Van Loan
+    Table 8.6.1)."""
+    m, n = max(m, n), min(m, n)
+    return 6.0 * m * n * n + 20.0 * n**3
 
 
-def predict(a: float, b: float, m: int, n: int) -> float:
-    return a * max(m, n) * min(m, n) ** 2 + b * min(m, n) ** 3
+def fit_cost(rows: list[tuple[int, int, float]]) -> float:
+    """Effective flop rate per core (flop per core-second) over (m, n, core-seconds) rows."""
+    return sum(svd_flops(m, n) for m, n, _ in rows) / sum(t for _, _, t in rows)
+
+
+def predict(rate: float, m: int, n: int) -> float:
+    return svd_flops(m, n) / rate
 
 
 def lpt(times: list[float], slots: int) -> float:
@@ -174,11 +178,11 @@ def lpt(times: list[float], slots: int) -> float:
 
 
 def estimate_70b(
-    a: float, b: float, cores: int, driver_gbps: float, nodes: list[int]
+    rate: float, cores: int, driver_gbps: float, nodes: list[int]
 ) -> tuple[list[str], dict]:
     times, out_bytes, read_bytes = [], 0, 0
     for m, n in LLAMA70B.values():
-        t = predict(a, b, m, n)
+        t = predict(rate, m, n)
         times += [t] * LLAMA70B_LAYERS
         out_bytes += LLAMA70B_LAYERS * m * n * 2  # bf16 residual shipped back to the driver
         read_bytes += LLAMA70B_LAYERS * m * n * 2
@@ -186,7 +190,7 @@ def estimate_70b(
     crit = max(times)
     floor = out_bytes / (driver_gbps * 1e9)
     lines = [
-        f"70B model: {len(times)} SVD tasks, predicted single-thread work {total / 3600:.1f} "
+        f"70B model: {len(times)} SVD tasks, predicted work {total / 3600:.1f} "
         f"core-hours, largest task (28672×8192) {crit / 60:.1f} min",
         f"driver ingress floor: {out_bytes / 1e9:.0f} GB of residuals at {driver_gbps} GB/s "
         f"= {floor / 60:.1f} min (the driver alone writes the output)",
@@ -272,28 +276,32 @@ def main() -> None:
     results["load_end"] = os.getloadavg()
     print(f"load average at end: {os.getloadavg()}")
 
-    # Single-thread per-task costs: pool/Ray workers run one BLAS thread each (cores ÷ workers).
+    # Per-task costs in core-seconds, from the pool/Ray workers.
     rows = []
     for ex in ("process", "ray"):
-        if ex in results["executors"] and (os.cpu_count() or 1) // args.workers <= 1:
+        if ex in results["executors"]:
             rows += [(m, n, cpu) for m, n, cpu, _ in results["executors"][ex]["tasks"]]
     if not rows and "serial" in results["executors"]:
         rows = [(m, n, cpu) for m, n, cpu, _ in results["executors"]["serial"]["tasks"]]
     if args.small:
         print("(--small: per-task costs too small to extrapolate; scaling estimate skipped)")
     elif rows:
-        a, b = fit_cost(rows)
-        print(f"\nsingle-thread full-SVD cost fit: t ≈ {a:.3e}·m·n² + {b:.3e}·n³ s (m ≥ n)")
+        rate = fit_cost(rows)
+        print(
+            f"\nfull-SVD cost model: t = (6·m·n² + 20·n³) / rate, rate = {rate / 1e9:.2f} "
+            "GFLOP per core-second (fitted)"
+        )
         for shape in sorted({(m, n) for m, n, _ in rows}):
             got = [c for m, n, c in rows if (m, n) == shape]
             print(
-                f"  {shape[0]}×{shape[1]}: measured {np.median(got):.2f} s (median of "
-                f"{len(got)}), model {predict(a, b, *shape):.2f} s"
+                f"  {shape[0]}×{shape[1]}: measured {np.median(got):.2f} core-s (median of "
+                f"{len(got)}, {svd_flops(*shape) / np.median(got) / 1e9:.2f} GFLOP/s), "
+                f"model {predict(rate, *shape):.2f} s"
             )
-        lines, est = estimate_70b(a, b, args.cores_per_node, args.driver_gbps, nodes)
+        lines, est = estimate_70b(rate, args.cores_per_node, args.driver_gbps, nodes)
         print(f"\nscaling estimate (1 task per core, {args.cores_per_node} cores per node):")
         print("\n".join("  " + ln for ln in lines))
-        results["fit"] = {"a": a, "b": b}
+        results["fit"] = {"flop_per_core_s": rate}
         results["estimate_70b"] = est
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

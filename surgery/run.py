@@ -100,6 +100,8 @@ class Job:
         finish_adapter: ``(lowranks, folder, manifest) -> None`` writes the adapter when set.
         adapter_subdir: ``""`` (adapter is the whole output) or ``"adapter"``.
         mem_per_tensor: peak bytes for computing one tensor (for the dry-run estimate).
+        resume: continue the interrupted run of the same job found beside ``out`` (its journal
+            lists the finished tensors; see :class:`~surgery.writer.Journal`).
     """
 
     verb: str
