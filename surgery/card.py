@@ -405,9 +405,10 @@ def write_card(out_dir: Path, manifest: dict[str, Any]) -> Path:
         tags=tags,
         **extra,
     )
-    # run.py writes into ".<OUT>.surgery-tmp-<pid>" before the atomic rename: title it <OUT>.
+    # run.py writes into ".<OUT>.surgery-tmp" (writer.OutputDir) before the atomic rename: title
+    # the card <OUT>.
     name = out_dir.resolve().name
-    title = re.sub(r"^\.(.+)\.surgery-tmp-\d+$", r"\1", name) or "surgery output"
+    title = re.sub(r"^\.(.+)\.surgery-tmp(?:-\d+)?$", r"\1", name) or "surgery output"
     body = _body(manifest, rel, bases, title, model and adapter, library)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     # Round-trip through the parser: what the Hub will read must be what we meant.

@@ -120,6 +120,8 @@ def test_execute_writes_model_manifest_and_copies_through(tmp_path, tiny_ckpt):
     assert m["verb"] == "scale" and len(m["tensors"]) == len(names)
     assert m["inputs"][0]["header_digest"] == src.header_digest()
     assert m["outputs"]["model"] is True
+    # The card is titled by OUT, not by the temporary folder it was written in.
+    assert (out / "README.md").read_text().split("---\n", 2)[2].lstrip().startswith("# out\n")
 
 
 def test_execute_dtype_override_and_determinism(tmp_path, tiny_ckpt):
