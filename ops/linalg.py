@@ -5,11 +5,9 @@ All functions are pure xp code (numpy or cupy) and take ``(out, in)`` matrices.
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import numpy as np
 
-from .backend import Array, OpError, array_namespace, scipy_namespace
+from .backend import Array, OpError, array_namespace
 
 __all__ = ["svd", "svd_topk", "randomized_svd", "canonicalize_signs", "use_randomized"]
 
@@ -71,22 +69,6 @@ def use_randomized(shape: tuple[int, int], k: int) -> bool:
     return short >= 256 and (k + 10) * 4 <= short
 
 
-def _lu_basis(sp: ModuleType, y: Array) -> Array:
-    """Return ``P L`` of ``y = P L U`` (``(M, ell)``): a well-scaled basis of ``range(y)``."""
-    lo, _ = sp.linalg.lu(y, permute_l=True, overwrite_a=True, check_finite=False)
-    return lo
-
-
-def _orth(sp: ModuleType, y: Array) -> Array:
-    """Return an orthonormal basis ``q (M, ell)`` of ``range(y)`` (economic Householder QR)."""
-    xp = array_namespace(y)
-    if xp is not np:  # cupyx.scipy.linalg has no qr: cuSOLVER geqrf/orgqr through cupy.linalg
-        return xp.linalg.qr(y, mode="reduced")[0]
-    # scipy's economic QR on an owned fp32 buffer is ~3x numpy.linalg.qr (no copies, no checks).
-    q, _ = sp.linalg.qr(y, mode="economic", overwrite_a=True, check_finite=False)
-    return q
-
-
 def randomized_svd(
     w: Array,
     k: int,
@@ -99,8 +81,7 @@ def randomized_svd(
 
     ``Y = (W Wᵀ)^q W Ω``, ``Q = qr(Y)``, then the exact SVD of the small ``Qᵀ W``. The test matrix
     ``Ω (n, k + oversample)`` is drawn on the host so that CPU and GPU give the same sketch.
-    Each power step is re-normalised by an LU factorisation (cheaper than QR, enough to keep fp32
-    from collapsing onto the top direction); a single QR orthonormalises the final sketch.
+    Each power step is re-orthonormalised (QR) to keep fp32 accurate.
 
     Args:
         w: ``(m, n)`` matrix.
@@ -124,14 +105,10 @@ def randomized_svd(
     transpose = m < n
     a = w.T if transpose else w  # (M, N) with M >= N
     omega = xp.asarray(rng.standard_normal((a.shape[1], ell)), dtype=w.dtype)  # host draw
-    sp = scipy_namespace(w)
-    y = a @ omega  # (M, ell)
+    q, _ = xp.linalg.qr(a @ omega)  # (M, ell)
     for _ in range(niter):
-        # LU-normalised power steps (scikit-learn's power_iteration_normalizer="LU"): the
-        # permuted unit-lower factor spans the same space as Y and keeps its columns O(1),
-        # at a fraction of the cost of a Householder QR; one QR at the end orthonormalises.
-        y = a @ _lu_basis(sp, a.T @ _lu_basis(sp, y))  # (M, ell)
-    q = _orth(sp, y)  # (M, ell)
+        z, _ = xp.linalg.qr(a.T @ q)  # (N, ell)
+        q, _ = xp.linalg.qr(a @ z)  # (M, ell)
     b = q.T @ a  # (ell, N)
     ub, s, vh = xp.linalg.svd(b, full_matrices=False)
     u = q @ ub  # (M, ell)
