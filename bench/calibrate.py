@@ -271,6 +271,9 @@ def main() -> None:
         vocab=a.vocab,
         heads=8,
         kv_heads=4,
+        # Long enough for every sample: surgery never runs past the position table, while the
+        # reference and PEFT would, and the covariances would then differ by construction.
+        max_positions=max(128, a.seq),
     )
     rng = np.random.default_rng(0)
     with open(work / "calib.jsonl", "w") as f:

@@ -79,6 +79,7 @@ def tiny_llama(
     shards: int = 1,
     seed: int = 0,
     int_buffer: bool = False,
+    max_positions: int = 128,
 ) -> Path:
     """Write a random Llama-shaped checkpoint that ``LlamaForCausalLM`` loads.
 
@@ -126,7 +127,7 @@ def tiny_llama(
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
         "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
-        "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6, "hidden_act": "silu",
         "tie_word_embeddings": False, "torch_dtype": dtype, "bos_token_id": 1,
         "eos_token_id": 2, "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
     }  # fmt: skip
