@@ -29,7 +29,14 @@ from .checkpoint import COMPUTABLE_DTYPES, Checkpoint, torch_dtype
 from .errors import SurgeryError
 from .manifest import Manifest
 from .targets import module_of
-from .writer import DEFAULT_SHARD_SIZE, TORCH_TO_ST, Entry, OutputDir, ShardWriter
+from .writer import (
+    DEFAULT_SHARD_SIZE,
+    TORCH_TO_ST,
+    Entry,
+    OutputDir,
+    ShardWriter,
+    group_shards,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -318,16 +325,21 @@ def _map_process(task, order: list[str], workers: int) -> Iterator[TensorResult]
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _entries(job: Job) -> list[Entry]:
+    """Every tensor of the full-model output: the template's names and shapes, output dtypes."""
+    t = job.template
+    return [Entry(n, job.out_dtypes.get(n, t.dtype(n)), t.info(n).shape) for n in t.names()]
+
+
 def _plan(job: Job) -> Plan:
     t = job.template
     compute = set(job.compute)
     out_bytes = 0
     n_files = 0
     if t is not None:
-        for n in t.names():
-            e = Entry(n, job.out_dtypes.get(n, t.dtype(n)), t.info(n).shape)
-            out_bytes += e.nbytes
-        n_files = max(1, -(-out_bytes // job.shard_size)) if out_bytes else 1
+        entries = _entries(job)
+        out_bytes = sum(e.nbytes for e in entries)
+        n_files = len(group_shards(entries, job.shard_size))  # the writer's own layout rule
     peak = 0
     for n in job.compute:
         if job.mem_per_tensor is not None:
@@ -363,10 +375,9 @@ def execute(job: Job, progress: Progress | None = None) -> Path | Plan:
         t = job.template
         journal = od.journal
         if t is not None:
-            entries = [
-                Entry(n, job.out_dtypes.get(n, t.dtype(n)), t.info(n).shape) for n in t.names()
-            ]
-            writer = ShardWriter(od.tmp, entries, job.shard_size, resume=bool(journal.entries))
+            writer = ShardWriter(
+                od.tmp, _entries(job), job.shard_size, resume=bool(journal.entries)
+            )
             job.manifest.outputs["model"] = True
         lowranks: dict[str, LowRank] = {}
         # --resume: what the interrupted run finished is in the shards and the journal already.

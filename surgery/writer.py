@@ -36,7 +36,15 @@ if TYPE_CHECKING:
 
     from ops.lowrank import LowRank
 
-__all__ = ["ShardWriter", "OutputDir", "Journal", "parse_size", "TORCH_TO_ST", "Entry"]
+__all__ = [
+    "ShardWriter",
+    "group_shards",
+    "OutputDir",
+    "Journal",
+    "parse_size",
+    "TORCH_TO_ST",
+    "Entry",
+]
 
 log = logging.getLogger("surgery")
 
@@ -77,6 +85,23 @@ class Entry:
         return int(n * DTYPE_SIZES[self.dtype] + 0.999)
 
 
+def group_shards(entries: Iterable[Entry], shard_size: int) -> list[list[Entry]]:
+    """Split entries (in sorted-name order) into shards of at most ``shard_size`` bytes.
+
+    The one layout rule: :class:`ShardWriter` writes it and ``--dry-run`` reports it. A tensor
+    larger than the cap gets a shard of its own.
+    """
+    groups: list[list[Entry]] = [[]]
+    size = 0
+    for e in sorted(entries, key=lambda e: e.name):
+        if groups[-1] and size + e.nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += e.nbytes
+    return groups
+
+
 class ShardWriter:
     """Write a full model as HF shards under ``shard_size``, with a pre-computed layout.
 
@@ -104,14 +129,7 @@ class ShardWriter:
     ):
         self.folder = Path(folder)
         entries = sorted(entries, key=lambda e: e.name)
-        groups: list[list[Entry]] = [[]]
-        size = 0
-        for e in entries:
-            if groups[-1] and size + e.nbytes > shard_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(e)
-            size += e.nbytes
+        groups = group_shards(entries, shard_size)
         n = len(groups)
         self.files: list[Path] = []
         self._where: dict[str, tuple[Path, int, Entry]] = {}

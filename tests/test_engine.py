@@ -184,6 +184,28 @@ def test_dry_run_writes_nothing(tmp_path, tiny_ckpt):
     assert not (tmp_path / "o").exists()
 
 
+def test_dry_run_shard_count_matches_what_is_written(tmp_path, tiny_ckpt):
+    """The plan uses the writer's packing rule, not total/size (which undercounts here)."""
+    src = Checkpoint.open(tiny_ckpt(int_buffer=True))
+    names = select(src)
+
+    def job(**kw):
+        opts = RunOptions.of({"out": tmp_path / "o", "shard_size": "20KB", **kw})
+        return opts.job(
+            "scale",
+            Manifest("scale"),
+            names,
+            functools.partial(_scale_task, src, 1.0, None),
+            template=src,
+        )
+
+    plan = execute(job(dry_run=True))
+    out = execute(job())
+    written = len(list(out.glob("*.safetensors")))
+    assert written > -(-src.nbytes // 20_000)  # greedy packing needs more files than the ratio
+    assert plan.shards == written
+
+
 def test_run_options_reject_unknown():
     with pytest.raises(SurgeryError, match="unknown option"):
         RunOptions.of({"out": "x", "sharding": 3})
