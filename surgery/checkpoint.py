@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any
 from .errors import SurgeryError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 __all__ = [
     "Checkpoint",
     "TensorInfo",
     "COMPUTABLE_DTYPES",
+    "st_dtype",
     "DTYPE_SIZES",
     "PICKLE_SUFFIXES",
     "AUX_FILES",
@@ -65,6 +67,15 @@ _TORCH_DTYPES = {
     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
     "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }  # fmt: skip
+# numpy dtypes of the stored bytes; BF16 travels as its uint16 bit pattern (numpy has no bfloat16).
+_NP_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+    "I16": "<i2", "I8": "i1", "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BOOL": "?",
+}  # fmt: skip
+_DTYPE_NAMES = {
+    "F64": "F64", "F32": "F32", "F16": "F16", "BF16": "BF16", "FP64": "F64", "FP32": "F32",
+    "FP16": "F16", "FLOAT64": "F64", "FLOAT32": "F32", "FLOAT16": "F16", "BFLOAT16": "BF16",
+}  # fmt: skip
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
@@ -95,19 +106,19 @@ class TensorInfo:
         return self.dtype in COMPUTABLE_DTYPES
 
 
+def st_dtype(name: str) -> str:
+    """Map a safetensors dtype (``BF16``) or a CLI name (``bf16``) to the safetensors name."""
+    try:
+        return _DTYPE_NAMES[name.upper()]
+    except KeyError:
+        raise SurgeryError(f"unknown dtype {name!r}; choices: fp32, fp16, bf16, fp64") from None
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """Map a safetensors dtype string (``BF16``) or a CLI name (``bf16``) to a torch dtype."""
     import torch
 
-    table = {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "FP64": torch.float64, "FP32": torch.float32, "FP16": torch.float16,
-        "FLOAT32": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16,
-    }  # fmt: skip
-    try:
-        return table[name.upper()]
-    except KeyError:
-        raise SurgeryError(f"unknown dtype {name!r}; choices: fp32, fp16, bf16, fp64") from None
+    return getattr(torch, _TORCH_DTYPES[st_dtype(name)])
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
@@ -387,6 +398,33 @@ class Checkpoint:
             raise SurgeryError(f"{info.file}: unexpected end of file in tensor {name!r}")
         return buf.view(getattr(torch, tdt)).reshape(info.shape)
 
+    def array(self, name: str) -> np.ndarray:
+        """Load one tensor as a numpy array of its stored bytes, Conv1D weights as ``(out, in)``.
+
+        BF16 comes back as uint16 bit patterns (numpy has no bfloat16; widen with
+        ``ops.backend.bf16_to_f32``). This path never imports torch, which saves the ~1.5 s import
+        for the numpy-only verbs. Memory: one tensor (two for a transposed Conv1D weight).
+
+        Raises:
+            SurgeryError: for dtypes numpy cannot hold (float8): copy those with :meth:`read_bytes`.
+        """
+        import numpy as np
+
+        info = self.info(name)
+        npdt = _NP_DTYPES.get(info.dtype)
+        if npdt is None:
+            raise SurgeryError(
+                f"tensor {name!r} is {info.dtype}, which surgery does not compute on; it is "
+                "only copied through"
+            )
+        arr = np.empty(info.shape, dtype=npdt)
+        with open(info.file, "rb") as f:
+            f.seek(self._data_start(info.file) + info.offsets[0])
+            got = f.readinto(arr.reshape(-1).view(np.uint8)) if info.nbytes else 0
+        if got != info.nbytes:
+            raise SurgeryError(f"{info.file}: unexpected end of file in tensor {name!r}")
+        return np.ascontiguousarray(arr.T) if self.is_conv1d(name) else arr
+
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor in its stored dtype, Conv1D weights transposed to ``(out, in)``."""
         t = self.raw(name)
@@ -395,9 +433,18 @@ class Checkpoint:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.get(name)
 
-    def to_stored(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`get`'s orientation: ``(out, in)`` back to the stored layout."""
-        return t.T.contiguous() if self.is_conv1d(name) else t
+    def to_stored(self, name: str, t: Any) -> Any:
+        """Inverse of :meth:`get`'s orientation: ``(out, in)`` back to the stored layout.
+
+        ``t`` is a torch tensor or a numpy array; the result is of the same kind.
+        """
+        if not self.is_conv1d(name):
+            return t
+        if type(t).__module__.split(".")[0] == "numpy":
+            import numpy as np
+
+            return np.ascontiguousarray(t.T)
+        return t.T.contiguous()
 
     def close(self) -> None:
         self._handle = None

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .checkpoint import Checkpoint, torch_dtype
+from .checkpoint import Checkpoint
 from .errors import SurgeryError
 from .manifest import Manifest
 from .methods import Method, get, parse_params
@@ -47,8 +47,10 @@ from .run import (
     execute,
     load,
     map_tasks,
+    narrow,
     out_dtype_name,
     resolve_device,
+    widen,
 )
 from .targets import is_embedding, module_of, select
 
@@ -209,7 +211,7 @@ def _decompose_task(
     name: str,
 ) -> TensorResult:
     """One module: ``W → (residual, LowRank)``; report measured on the residual as stored."""
-    from ops.backend import host_rng, to_torch, to_xp
+    from ops.backend import host_rng, to_xp
     from ops.decompose import report
 
     w = load(ckpt, name, device)  # (out, in) fp32
@@ -222,10 +224,12 @@ def _decompose_task(
         **kw, **params,
     )  # fmt: skip
     out_dt = out_dtype_name(dtype, ckpt.dtype(name))
-    t = to_torch(residual, torch_dtype(out_dt))  # (out, in) in the output dtype
+    t = narrow(residual, out_dt)  # (out, in) in the output dtype, on the host
     # Errors are those of the stored residual (bf16 rounding included), not of the fp32 one.
     truncating = getattr(fn, "__name__", "") in _TRUNCATING
-    rep = report(w, to_xp(t, device), lr, dropped_values=min(rank, N_DROPPED) if truncating else 0)
+    rep = report(
+        w, widen(t, out_dt, device), lr, dropped_values=min(rank, N_DROPPED) if truncating else 0
+    )
     out_f, in_f = ckpt.shape(name)
     rep.update(out=out_f, svd=_svd_mode(fn, params, (out_f, in_f), rank), **{"in": in_f})
     return TensorResult(name, tensor=ckpt.to_stored(name, t), lowrank=_host_lowrank(lr), report=rep)

@@ -237,28 +237,15 @@ def _preflight(base: Checkpoint, models: list[Checkpoint], sources: list[str]) -
 # --------------------------------------------------------------------------- per-tensor work
 
 
-def _load32(ckpt: Checkpoint, name: str, device: str):
-    """One tensor as fp32 ``(out, in)``; bf16 on the CPU is widened by a bit shift (exact, ~2×
-    faster than torch's conversion on CPUs without native bf16)."""
-    if device == "cpu" and ckpt.dtype(name) == "BF16":
-        import torch
-
-        bits = ckpt.get(name).contiguous().view(torch.int16).numpy().view(np.uint16)
-        wide = bits.astype(np.uint32)
-        wide <<= np.uint32(16)
-        return wide.view(np.float32)
-    return load(ckpt, name, device)
-
-
 def _deltas(base: Checkpoint, models: Sequence[Checkpoint], name: str, device: str):
     """``(θ_0 fp32 (*shape), τ fp32 (k, *shape))`` for one tensor, one model loaded at a time."""
     from ops.backend import array_namespace
 
-    b = _load32(base, name, device)
+    b = load(base, name, device)
     xp = array_namespace(b)
     deltas = xp.empty((len(models), *b.shape), dtype=b.dtype)
     for i, m in enumerate(models):
-        xp.subtract(_load32(m, name, device), b, out=deltas[i])
+        xp.subtract(load(m, name, device), b, out=deltas[i])
     return b, deltas
 
 
@@ -287,7 +274,7 @@ def _merge_task(
     w = xp.asarray(np.asarray(weights, dtype=np.float32))
     delta = call(fn, name, base.shape(name), deltas, w, rng=rng, **params)
     del deltas
-    delta += _load32(base, name, device)  # θ = θ_0 + δ, in place
+    delta += load(base, name, device)  # θ = θ_0 + δ, in place
     return TensorResult(name, tensor=store(base, name, delta, out_dt), report={"action": "merged"})
 
 

@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from ops.backend import OpError, release_memory, select_device, to_torch, to_xp
 
-from .checkpoint import COMPUTABLE_DTYPES, Checkpoint, torch_dtype
+from .checkpoint import COMPUTABLE_DTYPES, Checkpoint, st_dtype, torch_dtype
 from .errors import SurgeryError
 from .manifest import Manifest
 from .targets import module_of
 from .writer import (
     DEFAULT_SHARD_SIZE,
-    TORCH_TO_ST,
     Entry,
     OutputDir,
     ShardWriter,
@@ -39,12 +38,11 @@ from .writer import (
 )
 
 if TYPE_CHECKING:
-    import torch
-
     from ops.lowrank import LowRank
 
 __all__ = [
-    "Job", "TensorResult", "Plan", "execute", "resolve_device", "load", "store", "call",
+    "Job", "TensorResult", "Plan", "execute", "resolve_device", "load", "store", "narrow",
+    "widen", "call",
     "map_tasks", "Progress", "out_dtype_name", "RunOptions",
 ]  # fmt: skip
 
@@ -58,13 +56,14 @@ class TensorResult:
 
     Attributes:
         name: the tensor name.
-        tensor: the full-model output in stored layout and output dtype (``None``: no model output).
+        tensor: the full-model output in stored layout and output dtype, a numpy array (BF16 as
+            uint16 bits) or a torch tensor (``None``: no model output).
         lowrank: adapter factors (numpy float32, PEFT orientation) for ``module_of(name)``.
         report: per-tensor figures for the manifest (errors, energies, ranks…).
     """
 
     name: str
-    tensor: torch.Tensor | None = None
+    tensor: Any = None  # numpy array (BF16 as uint16 bits) or torch tensor
     lowrank: LowRank | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -214,7 +213,7 @@ def out_dtype_name(dtype: str | None, stored: str) -> str:
     """The safetensors dtype a computed tensor is written in (``--dtype`` or the stored one)."""
     if dtype is None or stored not in COMPUTABLE_DTYPES:
         return stored
-    return TORCH_TO_ST[str(torch_dtype(dtype))]
+    return st_dtype(dtype)
 
 
 def load(ckpt: Checkpoint, name: str, device: str = "cpu", precision: str = "float32"):
@@ -229,13 +228,51 @@ def load(ckpt: Checkpoint, name: str, device: str = "cpu", precision: str = "flo
             f"{name} {list(ckpt.shape(name))} is {dt}; surgery computes only on F16/BF16/F32/F64 "
             "weights; exclude it with --exclude or dequantize first"
         )
+    if device == "cpu":
+        # numpy all the way: no torch import (about 1.5 s) for the numpy-only verbs.
+        return widen(ckpt.array(name), dt, device, precision)
     return to_xp(ckpt.get(name), device, precision)
 
 
-def store(ckpt: Checkpoint, name: str, arr, dtype: str) -> torch.Tensor:
-    """xp array ``(out, in)`` → torch tensor in the stored layout, cast to ``dtype`` (ST name)."""
-    t = to_torch(arr, torch_dtype(dtype))
-    return ckpt.to_stored(name, t)
+def narrow(arr, dtype: str):
+    """fp32/fp64 xp array → the output dtype ``dtype`` (a safetensors name), host side.
+
+    numpy input gives a numpy array (BF16 as uint16 bit patterns, rounded to nearest even, torch's
+    bits); cupy input is rounded on the device and gives a CPU torch tensor (half the transfer).
+    """
+    if type(arr).__module__.split(".")[0] == "cupy":
+        return to_torch(arr, torch_dtype(dtype))
+    import numpy as np
+
+    from ops.backend import f32_to_bf16
+
+    a = np.asarray(arr)
+    if dtype == "BF16":
+        return f32_to_bf16(a)
+    return a.astype({"F64": np.float64, "F32": np.float32, "F16": np.float16}[dtype], copy=False)
+
+
+def widen(t, dtype: str, device: str = "cpu", precision: str = "float32"):
+    """Inverse of :func:`narrow` (exact): a host array or torch tensor in ``dtype`` → float xp."""
+    if type(t).__module__.split(".")[0] == "torch":
+        return to_xp(t, device, precision)
+    from ops.backend import bf16_to_f32
+
+    a = bf16_to_f32(t) if dtype == "BF16" else t
+    a = a.astype(precision, copy=False)
+    if device == "gpu":
+        import cupy
+
+        return cupy.asarray(a)
+    return a
+
+
+def store(ckpt: Checkpoint, name: str, arr, dtype: str):
+    """xp array ``(out, in)`` → host array in the stored layout, cast to ``dtype`` (ST name).
+
+    A numpy array for numpy input, a torch tensor for cupy input; :class:`ShardWriter` takes both.
+    """
+    return ckpt.to_stored(name, narrow(arr, dtype))
 
 
 def call(fn: Callable[..., Any], name: str, shape: Iterable[int], *args: Any, **kwargs: Any) -> Any:

@@ -26,14 +26,12 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import DTYPE_SIZES
 from .errors import SurgeryError
 
 if TYPE_CHECKING:
-    import torch
-
     from ops.lowrank import LowRank
 
 __all__ = [
@@ -53,6 +51,11 @@ TORCH_TO_ST = {
     "torch.bfloat16": "BF16", "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16",
     "torch.int8": "I8", "torch.uint8": "U8", "torch.bool": "BOOL",
     "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2",
+}  # fmt: skip
+NUMPY_TO_ST = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+    "bool": "BOOL",
 }  # fmt: skip
 DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' "5GB"
 
@@ -177,16 +180,27 @@ class ShardWriter:
                 f"internal: tensor {name!r} was not planned for this output"
             ) from None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Place one tensor (already in its stored layout and output dtype)."""
+    def write(self, name: str, tensor: Any) -> None:
+        """Place one tensor (already in its stored layout and output dtype).
+
+        ``tensor`` is a torch tensor or a numpy array; a BF16 entry takes numpy uint16 bit patterns.
+        """
         path, pos, e = self._slot(name)
-        got = TORCH_TO_ST.get(str(tensor.dtype))
+        if type(tensor).__module__.split(".")[0] == "numpy":
+            import numpy as np
+
+            got = NUMPY_TO_ST.get(tensor.dtype.name)
+            if got == "U16" and e.dtype == "BF16":
+                got = "BF16"  # bfloat16 travels as its bit pattern (numpy has no bfloat16)
+            data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
+        else:
+            got = TORCH_TO_ST.get(str(tensor.dtype))
+            data = tensor.detach().contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
         if got != e.dtype or tuple(tensor.shape) != e.shape:
             raise SurgeryError(
                 f"internal: {name} planned as {e.dtype} {list(e.shape)} but got {got} "
                 f"{list(tensor.shape)}"
             )
-        data = tensor.detach().contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
         with open(path, "r+b") as f:
             f.seek(pos)
             f.write(memoryview(data))

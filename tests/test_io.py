@@ -267,3 +267,95 @@ def test_save_file_compat_roundtrip(tmp_path):
     c = Checkpoint.open(tmp_path / "m.safetensors")
     assert torch.equal(c.raw("x"), t["x"]) and torch.equal(c.raw("i"), t["i"])
     assert not c.info("i").computable
+
+
+def test_bf16_casts_match_torch_bit_for_bit():
+    """numpy bf16 widening/narrowing (no torch on the data path) equals torch's conversions."""
+    import numpy as np
+
+    from ops.backend import bf16_to_f32, f32_to_bf16
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    special = np.array(
+        [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, 3.3895314e38, -3.3895314e38, np.finfo("f4").max,
+         1e-40, -1e-40, np.finfo("f4").tiny, 1.00390625, 1.01171875, 1.0078125],  # ties both ways
+        dtype=np.float32,
+    )  # fmt: skip
+    x = np.concatenate([bits.view(np.float32), special])
+    x = x[~np.isnan(x)]
+    ours = f32_to_bf16(x)
+    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(ours, ref)
+    back = bf16_to_f32(ours)
+    assert np.array_equal(back.view(np.uint32), torch.from_numpy(ours.view(np.int16)).view(
+        torch.bfloat16).float().numpy().view(np.uint32))  # fmt: skip
+    assert np.array_equal(f32_to_bf16(back), ours)  # idempotent
+    nan = f32_to_bf16(np.array([np.nan, -np.nan], dtype=np.float32))
+    assert np.isnan(bf16_to_f32(nan)).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_numpy_array_path_equals_torch_path(tmp_path, dtype):
+    import numpy as np
+
+    from surgery.run import load, store
+
+    for d in (demo.tiny_llama(tmp_path / "l", dtype=dtype, int_buffer=True),
+              demo.tiny_gpt2(tmp_path / "g", dtype=dtype)):  # fmt: skip
+        c = Checkpoint.open(d)
+        for n in c.names():
+            a, t = c.array(n), c.get(n)
+            if dtype == "bfloat16" and c.dtype(n) == "BF16":
+                assert np.array_equal(a, t.view(torch.int16).numpy().view(np.uint16)), n
+            else:
+                assert np.array_equal(a, t.numpy()), n
+            if not c.info(n).computable:
+                continue
+            w = load(c, n)
+            assert w.dtype == np.float32 and np.array_equal(w, t.float().numpy()), n
+            s = store(c, n, w * 1.5, c.dtype(n))
+            ref = c.to_stored(n, (torch.from_numpy(w) * 1.5).to(t.dtype))
+            if c.dtype(n) == "BF16":
+                ref = ref.view(torch.int16).numpy().view(np.uint16)
+            assert np.array_equal(s, ref.numpy() if hasattr(ref, "numpy") else ref), n
+
+
+def test_writer_takes_numpy_and_bf16_bits(tmp_path):
+    import numpy as np
+
+    (tmp_path / "o").mkdir()
+    ents = [Entry("a", "BF16", (2, 3)), Entry("b", "F16", (3,)), Entry("c", "F32", (2,))]
+    w = ShardWriter(tmp_path / "o", ents)
+    w.write("a", np.arange(6, dtype=np.uint16).reshape(2, 3) + 0x3F80)
+    w.write("b", np.array([1, 2, 3], dtype=np.float16))
+    with pytest.raises(SurgeryError, match="planned as F32"):
+        w.write("c", np.zeros(2, dtype=np.float64))
+    w.write("c", np.zeros(2, dtype=np.float32))
+    w.close()
+    got = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert got["a"].dtype == torch.bfloat16 and got["a"][0, 0].item() == 1.0
+    assert got["b"].tolist() == [1, 2, 3]
+
+
+def test_numpy_verbs_never_import_torch(tmp_path):
+    """extract, PiSSA and merges run on numpy end to end: no 1.5 s torch import."""
+    base = demo.tiny_llama(tmp_path / "b", dtype="bfloat16")
+    tuned = demo.tiny_llama(tmp_path / "t", dtype="bfloat16", seed=1)
+    b, t = str(base), str(tuned)
+    runs = [
+        ["extract", b, t, "-r", "4", "-o", str(tmp_path / "e")],
+        ["decompose", b, "-m", "pissa", "-r", "4", "-o", str(tmp_path / "p")],
+        ["merge", t, "--base", b, "--method", "ties", "-o", str(tmp_path / "m")],
+    ]
+    code = textwrap.dedent(f"""
+        import sys
+        from cli import cli
+        for argv in {runs!r}:
+            try:
+                cli(argv + ["-q"], standalone_mode=False)
+            except SystemExit as e:
+                assert not e.code, e
+        assert "torch" not in sys.modules, "torch was imported"
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
