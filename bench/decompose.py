@@ -23,22 +23,24 @@ Usage::
 
     python bench/decompose.py [--rank 32] [--threads 1|2] [--work bench/_work/decompose]
 
-Measured 2026-11-23 on the 2-core dev box shared with other jobs (load average 7-11), 99.5M
-parameters, r = 32, ``--threads 1`` (wall seconds of each CLI, start-up included):
+Measured 2026-11-23 on the idle 2-core dev box (load average 0.8-1.6), 99.5M parameters, r = 32,
+``--threads 2`` (wall seconds of each CLI, start-up included; ``surgery`` never imports torch on
+these paths since the numpy data path, which took 1.3-1.5 s of each run before):
 
 =====================================  =======  =================================================
 run                                    seconds  error (relative Frobenius)
 =====================================  =======  =================================================
-surgery extract -r 32                    8.6    0.63086 (optimum 0.62785: +0.48 %)
-mergekit-extract-lora --max-rank 32     24.5    0.62785 (exact SVD)
-surgery decompose -m pissa -r 32         4.7    principal 0.92033 (optimum 0.91720), recon 1.5e-3
-PEFT pissa_niter_4 (load+init+save)     10.2    principal 0.92217, recon 1.8e-3 (init alone 1.6 s)
-PEFT pissa (full SVD)                   20.6    principal 0.91720, recon 1.8e-3 (init 11.9 s)
+surgery extract -r 32                    2.11   0.63086 (optimum 0.62785: +0.48 %)
+mergekit-extract-lora --max-rank 32     14.01   0.62785 (exact SVD)            → surgery 6.6×
+surgery decompose -m pissa -r 32         2.42   principal 0.92033 (optimum 0.91720), recon 1.5e-3
+PEFT pissa_niter_4 (load+init+save)      9.05   principal 0.92220, recon 1.8e-3 (init alone 0.96 s)
+                                                                               → surgery 3.7×
+PEFT pissa (full SVD)                   14.29   principal 0.91720, recon 1.8e-3 (init 6.66 s)
 =====================================  =======  =================================================
 
-With ``--threads 2`` on the same loaded box every time grew 3-30× (extract 147 s vs mergekit 224 s;
-PiSSA 27 s vs PEFT pissa_niter_4 65 s and pissa 422 s): OpenBLAS threads stall when the cores are
-oversubscribed. ``recon`` is the bf16 rounding of the stored residual.
+Before the numpy data path (same box, same day): extract 4.66 s (2.78×), PiSSA 4.66 s (1.65×).
+On a box shared with other jobs multi-threaded OpenBLAS stalls (every time grew 3-30× at load
+average 7-11); use ``--threads 1`` there. ``recon`` is the bf16 rounding of the stored residual.
 """
 
 from __future__ import annotations
