@@ -16,6 +16,21 @@ differently and where it rounds deltas to bf16; a stable-tie-break run of mergek
 on one tensor is checked to equal ours exactly). Results also go to ``results.json``.
 
 Usage: ``python bench/merge.py [--cores 2] [--skip-mergekit] [--rebuild]``
+
+Measured 2026-11-23 on the idle 2-core dev box (load average 1.3; 105.8M-parameter bf16 Llama,
+base + 3 fine-tunes; surgery's merges no longer import torch):
+
+==========================  ======  ========
+run                         wall s  peak RSS
+==========================  ======  ========
+surgery ties                   5.6  0.85 GiB
+mergekit-yaml ties            24.5  1.59 GiB
+surgery pcb scope=model       22.1  0.94 GiB
+surgery pcb scope=tensor      16.0  0.79 GiB
+==========================  ======  ========
+
+TIES 4.36× faster than mergekit at 0.54× its RSS; I/O floor 1.32 s (surgery at 4.3× the floor);
+PCB model scope 1.38× tensor scope.
 """
 
 from __future__ import annotations

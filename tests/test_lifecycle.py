@@ -20,6 +20,7 @@ from surgery.lifecycle import apply, convert, merge_adapters, port, servable_pro
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import PeftModel, get_peft_model  # noqa: E402
+from peft_helpers import ids, load_model, train_adalora  # noqa: E402
 
 Q0 = "model.layers.0.self_attn.q_proj"
 V1 = "model.layers.1.self_attn.v_proj"
@@ -55,8 +56,7 @@ def our_adapter(tmp_path, base, name="a", rslora=False, emb=True):
 
 
 def model(d):
-    cls = transformers.GPT2LMHeadModel if "gpt2" in str(d) else transformers.LlamaForCausalLM
-    return cls.from_pretrained(str(d), torch_dtype=torch.float32).eval()
+    return load_model(d)
 
 
 def peft_merged(base, adapter):
@@ -72,10 +72,6 @@ def assert_model_equals(out, ref_sd, names, atol):
 
 def rb(ck, n):
     return b"".join(ck.read_bytes(n))
-
-
-def ids():
-    return torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 # -- apply ----------------------------------------------------------------------------------------
@@ -154,13 +150,7 @@ def _make_peft_flavour(tmp_path, base, kind):
         )
     pm = get_peft_model(model(base), cfg)
     if kind == "adalora":
-        opt = torch.optim.SGD(pm.parameters(), lr=0.1)
-        x = ids()
-        for step in range(4):
-            pm(input_ids=x, labels=x).loss.backward()
-            opt.step()
-            pm.base_model.update_and_allocate(step)
-            opt.zero_grad()
+        train_adalora(pm)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in pm.named_parameters():

@@ -23,6 +23,8 @@ from surgery.checkpoint import Checkpoint
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import PeftModel, get_peft_model  # noqa: E402
+from peft_helpers import ids, load_model  # noqa: E402
+from peft_helpers import train_adalora as train_adalora_steps  # noqa: E402
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -35,15 +37,6 @@ def llama_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
     return demo.tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "base")
-
-
-def load_model(d):
-    cls = transformers.GPT2LMHeadModel if "gpt2" in str(d) else transformers.LlamaForCausalLM
-    return cls.from_pretrained(str(d), torch_dtype=torch.float32).eval()
-
-
-def ids(vocab=64):
-    return torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 def random_lowrank(out, inp, r, scale, seed):
@@ -158,14 +151,7 @@ def _randomize(model, seed=0):
 def _peft_saved(tmp_path, d, config, train_adalora=False):
     pm = get_peft_model(load_model(d), config)
     if train_adalora:
-        # a few steps with the rank allocator: prunes triplets and writes a boolean rank_pattern
-        opt = torch.optim.SGD(pm.parameters(), lr=0.1)
-        x = ids()
-        for step in range(4):
-            pm(input_ids=x, labels=x).loss.backward()
-            opt.step()
-            pm.base_model.update_and_allocate(step)
-            opt.zero_grad()
+        train_adalora_steps(pm)
     _randomize(pm)
     pm.save_pretrained(str(tmp_path / "peft"))
     return tmp_path / "peft"
