@@ -68,6 +68,9 @@ def run_verb(fn, *args: Any, quiet: bool = False, **kwargs: Any) -> None:
         nonlocal bar
         if quiet or not sys.stderr.isatty() and total < 2:
             return
+        if bar is not None and (done == 1 or total != bar.length):  # a new pass: a new bar
+            bar.__exit__(None, None, None)
+            bar = None
         if bar is None:
             bar = click.progressbar(
                 length=total, label=fn.__name__, file=sys.stderr, item_show_func=lambda n: n

@@ -33,6 +33,7 @@ from .manifest import Manifest
 from .methods import get, parse_pairs, parse_params
 from .run import (
     Plan,
+    Progress,
     RunOptions,
     TensorResult,
     call,
@@ -278,14 +279,28 @@ def _merge_task(
     return TensorResult(name, tensor=store(base, name, delta, out_dt), report={"action": "merged"})
 
 
-def _stream(base: Checkpoint, models: Sequence[Checkpoint], names: list[str], device: str):
-    """A re-iterable stream of ``(k, *shape)`` task vectors, one tensor at a time."""
+def _stream(
+    base: Checkpoint,
+    models: Sequence[Checkpoint],
+    names: list[str],
+    device: str,
+    progress: Progress | None = None,
+):
+    """A re-iterable stream of ``(k, *shape)`` task vectors, one tensor at a time.
+
+    Each full iteration is one read-only pass; ``progress(i, len(names), "pass p: name")`` reports
+    it (a new bar per pass in the CLI).
+    """
+    passes = [0]
 
     def chunks() -> Iterator:
         from ops.backend import release_memory
 
-        for n in names:
+        passes[0] += 1
+        for i, n in enumerate(names):
             _, d = _deltas(base, models, n, device)
+            if progress is not None:
+                progress(i + 1, len(names), f"pass {passes[0]}: {n}")
             yield d
             del d
             release_memory()
@@ -395,7 +410,9 @@ def merge(
     if m.name == "pcb" and p.get("scope") == "model":
         plan_lines.append("pcb scope=model: read-only passes for whole-model order statistics")
         if not opts.dry_run:
-            kernel_params["stats"] = _pcb_stats(base_ckpt, ckpts, names, device, p, man)
+            kernel_params["stats"] = _pcb_stats(
+                base_ckpt, ckpts, names, device, p, man, opts.progress
+            )
     task = functools.partial(
         _merge_task, base_ckpt, ckpts, m.fn, kernel_params, w, opts.seed, device, opts.dtype
     )
@@ -420,7 +437,7 @@ def _check_params(m, params: dict[str, Any], k: int) -> list[str]:
     return []
 
 
-def _pcb_stats(base, ckpts, names, device, p: dict[str, Any], man: Manifest):
+def _pcb_stats(base, ckpts, names, device, p: dict[str, Any], man: Manifest, progress=None):
     """PCB scope=model: the whole-model statistics over every merged tensor (read-only passes)."""
     import time
 
@@ -430,7 +447,7 @@ def _pcb_stats(base, ckpts, names, device, p: dict[str, Any], man: Manifest):
     t0 = time.perf_counter()
     try:
         stats = pcb_reduce(
-            _stream(base, ckpts, names, device), density=p["density"], clip=p["clip"]
+            _stream(base, ckpts, names, device, progress), density=p["density"], clip=p["clip"]
         )
     except OpError as e:
         raise SurgeryError(f"pcb: {e}") from None

@@ -102,9 +102,16 @@ def test_pcb_model_scope_on_sharded_checkpoints_equals_the_concatenated_vector(t
     base = demo.tiny_llama(tmp_path / "base", dtype="float32", shards=3)
     fts = [demo.finetune(base, tmp_path / f"ft{i}", seed=i + 1, shards=2) for i in range(3)]
     w = [1.0, 0.9, 1.1]
+    calls = []
     out = merge([str(f) for f in fts], base=str(base), method="pcb", weights=w,
-                params={"density": 0.1, "clip": 0.01}, out=tmp_path / "out")  # fmt: skip
+                params={"density": 0.1, "clip": 0.01}, out=tmp_path / "out",
+                progress=lambda *a: calls.append(a))  # fmt: skip
     b = Checkpoint.open(base)
+    # The read-only passes report progress too: each pass over every tensor, then the write pass.
+    n_merged = calls[-1][1]
+    passes = {c[2].split(":")[0] for c in calls if c[2].startswith("pass ")}
+    assert len(passes) >= 2 and all(c[1] == n_merged for c in calls)
+    assert sum(1 for c in calls if not c[2].startswith("pass ")) == n_merged
     ms = [Checkpoint.open(f) for f in fts]
     names = b.names()
     t0 = np.concatenate([f32(b, n).ravel() for n in names])
