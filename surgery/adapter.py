@@ -311,8 +311,6 @@ def _num(x: float) -> int | float:
 
 def _np32(x: Any) -> np.ndarray:
     """A float32 numpy copy of a numpy, cupy or torch array (what adapter files store)."""
-    import numpy as np
-
     kind = type(x).__module__.split(".")[0]
     if kind == "torch":
         x = x.detach().cpu().float().numpy()
@@ -630,8 +628,6 @@ class Adapter:
 
         numpy rather than torch: writing an adapter never imports torch (about 1.5 s).
         """
-        import numpy as np
-
         out: dict[str, np.ndarray] = {}
         for m, lr in self.modules.items():
             a, b = _np32(lr.A), _np32(lr.B)

@@ -391,12 +391,16 @@ class Checkpoint:
                 "only copies it through"
             )
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        self._read_into(info, buf.numpy())
+        return buf.view(getattr(torch, tdt)).reshape(info.shape)
+
+    def _read_into(self, info: TensorInfo, buf: Any) -> None:
+        """Fill a writable byte buffer of ``info.nbytes`` with the tensor's stored bytes."""
         with open(info.file, "rb") as f:
             f.seek(self._data_start(info.file) + info.offsets[0])
-            got = f.readinto(buf.numpy())
+            got = f.readinto(buf) if info.nbytes else 0
         if got != info.nbytes:
-            raise SurgeryError(f"{info.file}: unexpected end of file in tensor {name!r}")
-        return buf.view(getattr(torch, tdt)).reshape(info.shape)
+            raise SurgeryError(f"{info.file}: unexpected end of file in tensor {info.name!r}")
 
     def array(self, name: str) -> np.ndarray:
         """Load one tensor as a numpy array of its stored bytes, Conv1D weights as ``(out, in)``.
@@ -418,11 +422,7 @@ class Checkpoint:
                 "only copied through"
             )
         arr = np.empty(info.shape, dtype=npdt)
-        with open(info.file, "rb") as f:
-            f.seek(self._data_start(info.file) + info.offsets[0])
-            got = f.readinto(arr.reshape(-1).view(np.uint8)) if info.nbytes else 0
-        if got != info.nbytes:
-            raise SurgeryError(f"{info.file}: unexpected end of file in tensor {name!r}")
+        self._read_into(info, arr.reshape(-1).view(np.uint8))
         return np.ascontiguousarray(arr.T) if self.is_conv1d(name) else arr
 
     def get(self, name: str) -> torch.Tensor:
