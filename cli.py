@@ -41,7 +41,7 @@ def writing_options(f):
         click.option("--shard-size", default="5GB", show_default=True),
         click.option(
             "--executor",
-            type=click.Choice(["serial", "process", "ray"]),
+            type=click.Choice(["serial", "thread", "process", "ray"]),
             default="serial",
             show_default=True,
         ),

@@ -46,7 +46,7 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger("surgery")
-EXECUTORS = ("serial", "process", "ray")
+EXECUTORS = ("serial", "thread", "process", "ray")
 # Exceptions raised inside a task that are worth retrying on another worker (flaky shared
 # filesystem, a node short of memory); anything else is deterministic and fails at once.
 RETRY_EXCEPTIONS: list[type[BaseException]] = [OSError, MemoryError]

@@ -28,7 +28,7 @@ from surgery import demo
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest
-from surgery.run import RunOptions, TensorResult, call, execute, load, store
+from surgery.run import RunOptions, TensorResult, call, execute, load, map_tasks, store
 from surgery.targets import select
 from surgery.writer import JOURNAL, Journal, OutputDir
 
@@ -520,6 +520,24 @@ def test_real_verbs_in_a_process_pool_are_byte_identical(
 ):
     out = _verb(kind, model, tuned, tmp_path / "out", executor="process", workers=2)
     assert digest(out) == digest(serial_verbs[kind])
+
+
+@pytest.mark.parametrize("kind", VERBS)
+def test_real_verbs_in_threads_are_byte_identical(model, tuned, serial_verbs, kind, tmp_path):
+    """Concurrent OpenBLAS calls from two threads round as the serial run does (the model is
+    large enough for threaded sgemm: see the single-thread negative control)."""
+    out = _verb(kind, model, tuned, tmp_path / "out", executor="thread", workers=2)
+    assert digest(out) == digest(serial_verbs[kind])
+
+
+def test_thread_executor_refuses_the_gpu_and_scales_the_dry_run_estimate(model, tuned, tmp_path):
+    with pytest.raises(SurgeryError, match="--executor thread runs on the CPU only"):
+        list(map_tasks(str, ["a"], executor="thread", workers=2, device="gpu"))
+    one = _verb("merge", model, tuned, tmp_path / "a", dry_run=True)
+    three = _verb("merge", model, tuned, tmp_path / "b", dry_run=True, executor="thread",
+                  workers=3)  # fmt: skip
+    assert three.peak_memory == 3 * one.peak_memory > 0
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow
