@@ -325,9 +325,10 @@ def map_tasks(
 def _map_threads(task, order: list[str], workers: int, device: str) -> Iterator[TensorResult]:
     """``workers`` tasks at once in this process's threads (numpy and file reads drop the GIL).
 
-    Pays off for the memory-bound verbs: merges ran 1.8× faster with 2 threads on 2 cores
-    (measured); BLAS-bound verbs (SVDs) already use every core and get slower. Peak memory is up to
-    ``workers`` × the serial run's per-tensor peak (the largest tensors start first, side by side).
+    Pays off for the memory-bound verbs: TIES merges ran 1.4-1.8× faster with 2 threads on 2
+    cores (bench/merge.py); BLAS-bound verbs (SVDs) already use every core and get slower. Peak
+    memory is up to ``workers`` × the serial run's per-tensor peak (the largest tensors start
+    first, side by side).
     At most ``2 × workers`` tasks are queued; results come in completion order, and the writer
     places them at fixed offsets, so the bytes are the serial run's.
     """
