@@ -30,14 +30,15 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .checkpoint import Checkpoint
 from .errors import SurgeryError
-from .stats import Stats, write_stats
+from .stats import Stats, StatsWriter
+from .writer import Entry
 
 if TYPE_CHECKING:
     import torch
@@ -987,21 +988,26 @@ class _Collector:
             )
         return inc, n_s, int(xv.shape[0])
 
-    def result(self) -> dict[str, torch.Tensor]:
+    def result(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` per stats entry, module by module.
+
+        Each covariance is divided in place and its accumulator released once yielded, so no
+        second copy of the group's covariances is ever made.
+        """
         import torch
 
-        out: dict[str, torch.Tensor] = {}
-        for m, acc in self.acc.items():
+        for m in list(self.acc):
             n = self.samples[m] if self.plan.cov_norm == "max" else self.tokens[m]
             if n == 0:
                 raise SurgeryError(
                     f"{m}: never called during calibration (0 samples reached it); exclude it "
                     "with --exclude or check the model's forward"
                 )
-            out[f"{m}.cov"] = (acc / n).cpu()
-            out[f"{m}.samples"] = torch.tensor([self.samples[m]], dtype=torch.int64)
-            out[f"{m}.tokens"] = torch.tensor([self.tokens[m]], dtype=torch.int64)
-        return out
+            acc = self.acc.pop(m)
+            yield f"{m}.cov", acc.div_(n).cpu()
+            del acc
+            yield f"{m}.samples", torch.tensor([self.samples[m]], dtype=torch.int64)
+            yield f"{m}.tokens", torch.tensor([self.tokens[m]], dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1047,7 +1053,9 @@ def _run_group(
     gi: int,
     device: str,
     progress: Callable[[CalibProgress], None] | None,
-) -> dict[str, torch.Tensor]:
+    sink: Callable[[str, torch.Tensor], None],
+) -> None:
+    """One pass over the data with hooks on ``group``; its stats go to ``sink`` as they are done."""
     import torch
 
     pad = 0
@@ -1099,7 +1107,8 @@ def _run_group(
         done_s / max(dt, 1e-9),
         done_t / max(dt, 1e-9),
     )
-    return col.result()
+    for name, t in col.result():
+        sink(name, t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1260,21 +1269,6 @@ def calibrate(
         os.replace(tmp, dest)
         return dest
 
-    model, _ = build_model(plan.ckpt, config=plan.config_path, device=plan.device)
-    tensors: dict[str, Any] = {}
-    try:
-        for gi, group in enumerate(plan.groups):
-            tensors.update(_run_group(plan, model, group, gi, plan.device, progress))
-    finally:
-        del model
-        if plan.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
-    # Tensors in module order (cov, samples, tokens per module).
-    ordered = {
-        f"{m}.{k}": tensors[f"{m}.{k}"] for m in plan.modules for k in ("cov", "samples", "tokens")
-    }
     options = dict(
         plan.options,
         batch_size=plan.batch_size,
@@ -1282,7 +1276,29 @@ def calibrate(
         data=str(plan.data_path),
         model_class=plan.model_class,
     )
-    write_stats(dest, ordered, fingerprint=fp, convention=plan.cov_norm, options=options)
+    # The file's layout is known from the plan: each group's covariances are written as soon as
+    # its pass ends, so memory holds one group's accumulators, never all of them.
+    cov_dt = "F64" if plan.cov_dtype == "fp64" else "F32"
+    entries = []
+    for m in plan.modules:
+        n = plan.in_features[m]
+        entries += [Entry(f"{m}.cov", cov_dt, (n, n)), Entry(f"{m}.samples", "I64", (1,)),
+                    Entry(f"{m}.tokens", "I64", (1,))]  # fmt: skip
+    writer = StatsWriter(dest, entries, fingerprint=fp, convention=plan.cov_norm, options=options)
+    model, _ = build_model(plan.ckpt, config=plan.config_path, device=plan.device)
+    try:
+        for gi, group in enumerate(plan.groups):
+            _run_group(plan, model, group, gi, plan.device, progress, writer.write)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        del model
+        if plan.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
     _cache_record(cdir, fp, dest)
     return dest
 

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     import torch
 
     from .checkpoint import Checkpoint
+    from .writer import Entry
 
-__all__ = ["Stats", "write_stats", "STAT_KEYS"]
+__all__ = ["Stats", "StatsWriter", "write_stats", "STAT_KEYS"]
 
 # Suffixes that make a tensor name ``<module>.<key>`` (longest names first is not needed: keys are
 # single dotted components).
@@ -197,6 +198,60 @@ class Stats:
         return f"Stats({str(self.path)!r}, {len(self)} modules, convention={self.convention!r})"
 
 
+class StatsWriter:
+    """Stream a stats file: the layout is fixed up front, tensors are placed as they are ready.
+
+    ``calibrate`` writes each module group's covariances as soon as its pass over the data ends,
+    so the finished groups are not held in memory. The file is written beside ``path`` under a
+    temporary name and renamed by :meth:`commit`; :meth:`abort` removes it.
+
+    Args:
+        path: destination ``.safetensors``.
+        entries: every tensor of the file (name, safetensors dtype, shape).
+        fingerprint, convention, options, extra_meta: as :func:`write_stats`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        entries: Iterable[Entry],
+        *,
+        fingerprint: str = "",
+        convention: str = "",
+        options: Mapping[str, Any] | None = None,
+        extra_meta: Mapping[str, str] | None = None,
+    ):
+        from .writer import DEFAULT_SHARD_SIZE, ShardWriter
+
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "fingerprint": fingerprint,
+            "convention": convention,
+            "options": json.dumps(dict(options or {}), sort_keys=True),
+        }
+        meta.update({str(k): str(v) for k, v in (extra_meta or {}).items()})
+        entries = list(entries)
+        stem = f".{self.path.stem}.tmp{os.getpid()}"
+        size = max(DEFAULT_SHARD_SIZE, sum(e.nbytes for e in entries) + 1)  # always one file
+        self._writer = ShardWriter(self.path.parent, entries, size, metadata=meta, name=stem)
+        self._tmp = self.path.parent / f"{stem}.safetensors"
+
+    def write(self, name: str, tensor: Any) -> None:
+        """Place one tensor (a torch tensor or a numpy array of the planned dtype and shape)."""
+        self._writer.write(name, tensor)
+
+    def commit(self) -> Path:
+        """Check every tensor was written, then rename the file into place."""
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temporary file (after an error)."""
+        self._tmp.unlink(missing_ok=True)
+
+
 def write_stats(
     path: str | os.PathLike[str],
     tensors: Mapping[str, Any],
@@ -219,22 +274,15 @@ def write_stats(
     Returns:
         The written path.
     """
-    from safetensors.torch import save_file
+    from .writer import TORCH_TO_ST, Entry
 
-    p = Path(path).expanduser()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": "pt",
-        "fingerprint": fingerprint,
-        "convention": convention,
-        "options": json.dumps(dict(options or {}), sort_keys=True),
-    }
-    meta.update({str(k): str(v) for k, v in (extra_meta or {}).items()})
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    entries = [Entry(k, TORCH_TO_ST[str(v.dtype)], tuple(v.shape)) for k, v in tensors.items()]
+    w = StatsWriter(path, entries, fingerprint=fingerprint, convention=convention,
+                    options=options, extra_meta=extra_meta)  # fmt: skip
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+        for k, v in tensors.items():
+            w.write(k, v)
+        return w.commit()
+    except BaseException:
+        w.abort()
+        raise

@@ -23,7 +23,7 @@ import re
 import shutil
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,6 +118,8 @@ class ShardWriter:
         shard_size: byte cap per shard (a single tensor larger than the cap gets its own shard).
         resume: reopen shard files an interrupted run laid out (same header, same size) instead
             of recreating them; tensors already in them are declared with :meth:`mark_written`.
+        metadata: extra ``__metadata__`` strings (besides ``format``) for every shard.
+        name: the file stem: ``{name}.safetensors``, ``{name}-0000i-of-0000N.safetensors``.
 
     Raises:
         SurgeryError: with ``resume``, when an existing shard does not match the layout.
@@ -129,6 +131,8 @@ class ShardWriter:
         entries: Iterable[Entry],
         shard_size: int = DEFAULT_SHARD_SIZE,
         resume: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        name: str = "model",
     ):
         self.folder = Path(folder)
         entries = sorted(entries, key=lambda e: e.name)
@@ -139,9 +143,9 @@ class ShardWriter:
         self.total_size = sum(e.nbytes for e in entries)
         self._written: set[str] = set()
         for i, group in enumerate(groups):
-            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            fname = f"{name}-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else f"{name}.safetensors"
             path = self.folder / fname
-            header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+            header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
             off = 0
             for e in group:
                 header[e.name] = {

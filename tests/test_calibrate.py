@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -684,3 +686,45 @@ def test_cuda_matches_cpu(llama, data, tmp_path):
                                batch_size=8, cache_dir=False))  # fmt: skip
     for m in cpu.modules():
         assert rel(gpu.cov(m), cpu.cov(m)) < 1e-4, m
+
+
+_CALIB_MEM = """
+import resource, sys
+from surgery.calibrate import calibrate
+calibrate(sys.argv[1], sys.argv[2], out=sys.argv[3], max_memory=sys.argv[4], targets=sys.argv[5],
+          layers=sys.argv[6] or None, batch_size=4, cache_dir=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_grouped_calibration_holds_one_group_in_memory(tmp_path):
+    """Peak RSS follows --max-memory: a finished group's covariances go to the file at once.
+
+    Four 4096-wide down_proj inputs make 256 MiB of fp32 covariances. With a 70 MB budget each
+    pass holds one (64 MiB), so the peak must equal that of calibrating one down_proj alone (which
+    includes the BLAS workspace of its 4096² GEMM), not grow with the finished groups.
+    """
+    src = demo.tiny_llama(tmp_path / "m", layers=4, hidden=256, inter=4096, dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"input_ids": [int(i) for i in rng.integers(3, 64, size=48)]} for _ in range(8)
+    ])  # fmt: skip
+
+    def peak(budget: str, targets: str, out: str, layers: str = "") -> int:
+        r = subprocess.run(
+            [sys.executable, "-c", _CALIB_MEM, str(src), str(data), str(tmp_path / out), budget,
+             targets, layers],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return int(r.stdout.strip().splitlines()[-1])
+
+    mib = 2**20
+    single = peak("1GB", "down_proj", "s.safetensors", layers="0")  # model + 1 cov + workspace
+    one_group = peak("1GB", "all-linear", "a.safetensors")
+    grouped = peak("70MB", "all-linear", "g.safetensors")
+    assert one_group - single > 150 * mib, "the measurement misses the covariances"
+    assert grouped - single < 32 * mib, f"grouped: {(grouped - single) / mib:.0f} MiB over one cov"
+    a, g = Stats.open(tmp_path / "a.safetensors"), Stats.open(tmp_path / "g.safetensors")
+    for m in a.modules():
+        assert torch.equal(a.cov(m), g.cov(m)), m
