@@ -375,6 +375,8 @@ def calib_progress(quiet: bool):
         bar = state["bar"]
         rate = f"{p.samples_per_s:.1f} samples/s, {p.tokens_per_s:.0f} tokens/s"
         bar.update(p.samples - bar.pos, rate)
+        if p.group == p.groups and p.samples >= p.total_samples:
+            close()  # calibration done: the next bar (decompose) starts on a clean line
 
     return progress, close
 
@@ -432,27 +434,15 @@ def decompose(src, method, rank, alpha, params, stats, calib, quiet, **common):
     from surgery.decompose import decompose as api_fn
 
     keys = ("samples", "seq_len", "batch_size", "max_tokens", "cov_norm", "cov_dtype",
-            "max_memory", "tokenizer", "config")  # fmt: skip
+            "max_memory", "tokenizer", "config", "no_cache")  # fmt: skip
     ckw = {k: common.pop(k) for k in keys}
-    no_cache = common.pop("no_cache")
-    if calib and stats is None:
-        # --calib: calibrate first (stats kept beside OUT as OUT.stats.safetensors), then --stats.
-        from surgery.calibrate import calibrate_beside
-
-        progress, close = calib_progress(quiet)
-        try:
-            stats, lines = calibrate_beside(
-                src, calib, common["out"], method=method, dry_run=common["dry_run"],
-                no_cache=no_cache, targets=common["targets"], exclude=common["exclude"],
-                layers=common["layers"], device=common["device"], progress=progress, **ckw,
-            )  # fmt: skip
-        finally:
-            close()
-        for line in lines if common["dry_run"] else []:
-            click.echo(line)
-        calib = None if stats else calib
-    run_verb(api_fn, src, method=method, rank=rank, alpha=alpha, params=list(params),
-             stats=stats, calib=calib, quiet=quiet, **common)  # fmt: skip
+    progress, close = calib_progress(quiet)  # --calib: OUT.stats.safetensors, then CorDA
+    try:
+        run_verb(api_fn, src, method=method, rank=rank, alpha=alpha, params=list(params),
+                 stats=stats, calib=calib, calib_options=dict(ckw, progress=progress),
+                 quiet=quiet, **common)  # fmt: skip
+    finally:
+        close()
 
 
 @cli.command(context_settings=CONTEXT)

@@ -244,6 +244,7 @@ def decompose(
     params: dict[str, Any] | list[str] | None = None,
     stats: str | Path | None = None,
     calib: str | Path | None = None,
+    calib_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> Path | Plan:
     """Split every targeted weight into a residual model and a PEFT adapter (PiSSA/CorDA/KaSA).
@@ -256,7 +257,12 @@ def decompose(
         params: method parameters, ``["niter=4"]`` or a dict.
         stats: a stats safetensors file with ``<module>.cov`` (CorDA).
         calib: a JSONL calibration file; the stats are computed (and cached) with
-            :func:`surgery.calibrate.calibrate` when ``stats`` is not given.
+            :func:`surgery.calibrate.calibrate` when ``stats`` is not given, and kept beside the
+            output as ``OUT.stats.safetensors``.
+        calib_options: :func:`surgery.calibrate.calibrate` options for ``calib`` (``samples``,
+            ``seq_len``, ``batch_size``, ``max_tokens``, ``cov_norm``, ``cov_dtype``,
+            ``max_memory``, ``tokenizer``, ``config``, ``no_cache``, ``progress``); targets,
+            layers and device follow the run options.
         **options: the shared run options (``out``, ``force``, ``dry_run``, ``targets``,
             ``exclude``, ``layers``, ``device``, ``dtype``, ``seed``, ``shard_size``,
             ``executor``, ``workers``, ``ray_address``, ``push``, ``progress``).
@@ -323,18 +329,23 @@ def decompose(
     elif stats is not None or calib is not None:
         log.warning("%s does not use calibration statistics; --stats/--calib ignored", m.name)
     _fail(problems, f"cannot decompose {src} with {m.name} (nothing was written)")
-    if stats_path is None and calib is not None and _needs(m.fn, "cov") and not opts.dry_run:
+    calib_lines: list[str] = []
+    if stats_path is None and calib is not None and _needs(m.fn, "cov"):
         from .calibrate import calibrate_beside
 
-        # Same place as the CLI's `decompose --calib`: OUT.stats.safetensors beside the output
-        # (outside OUT, so the output stays atomic and the covariances are never pushed).
-        found, _ = calibrate_beside(src, calib, opts.out, method=m.name, targets=opts.targets,
-                                    exclude=opts.exclude, layers=opts.layers)  # fmt: skip
-        stats_path = str(found)
-        from .stats import Stats
+        # OUT.stats.safetensors beside the output (outside OUT, so the output stays atomic and
+        # the covariances are never pushed); a dry run returns the calibration plan only.
+        found, calib_lines = calibrate_beside(
+            src, calib, opts.out, method=m.name, dry_run=opts.dry_run, targets=opts.targets,
+            exclude=opts.exclude, layers=opts.layers, device=opts.device,
+            **(calib_options or {}),
+        )  # fmt: skip
+        if found is not None:
+            stats_path = str(found)
+            from .stats import Stats
 
-        _fail(Stats.open(stats_path).check(ckpt, [module_of(n) for n in names]),
-              f"cannot decompose {src}: the calibration stats do not fit")  # fmt: skip
+            _fail(Stats.open(stats_path).check(ckpt, [module_of(n) for n in names]),
+                  f"cannot decompose {src}: the calibration stats do not fit")  # fmt: skip
 
     device = resolve_device(opts.device)
     kw_manifest = dict(p, rank=rank, lora_alpha=alpha if alpha is not None else rank)
@@ -358,7 +369,8 @@ def decompose(
         mem_per_tensor=lambda n: 6 * 4 * ckpt.info(n).numel
         + (16 * ckpt.shape(n)[1] ** 2 if stats_path else 0),
         plan_lines=[f"method: {m.name} {p}", f"rank {rank}, lora_alpha "
-                    f"{alpha if alpha is not None else rank}", "adapter: OUT/adapter"],
+                    f"{alpha if alpha is not None else rank}", "adapter: OUT/adapter",
+                    *calib_lines],
     )  # fmt: skip
     return execute(job, opts.progress)
 

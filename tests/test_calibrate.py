@@ -649,10 +649,17 @@ def test_decompose_calib_equals_stats_and_peft_reproduces(llama, data, tmp_path)
     via_stats = tmp_path / "via_stats"
     r = run(cli, ["decompose", str(llama), "--stats", str(stats), *common, "-o", str(via_stats)])
     assert r.exit_code == 0, r.output
+    # The library call takes the same calibration options (the CLI is a layer over it).
+    from surgery.api import decompose
+
+    opts = {"batch_size": 3, "no_cache": True}
+    via_api = decompose(str(llama), method="corda", rank=4, calib=str(data), calib_options=opts,
+                        out=tmp_path / "api")  # fmt: skip
     for f in ("model.safetensors", "adapter/adapter_model.safetensors"):
         a, b = load_file(str(via_calib / f)), load_file(str(via_stats / f))
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), f
+        c = load_file(str(via_api / f))
+        assert a.keys() == b.keys() == c.keys()
+        assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a), f
 
     # The residual model plus the adapter, through PEFT, gives the original model's outputs.
     cls = transformers.LlamaForCausalLM
