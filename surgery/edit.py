@@ -47,6 +47,7 @@ from .run import (
     out_dtype_name,
     resolve_device,
     store,
+    widen,
 )
 from .targets import layer_of, matcher, module_of, select
 
@@ -57,7 +58,7 @@ PROBE_KEYS = ("probe", "mlp.weight")  # ours; the released probe's state-dict ke
 
 
 def read_probe(path: str | Path, probe_row: int | None = 1):
-    """Read the probe vector ``[hidden]`` (fp32 torch) from a safetensors file.
+    """Read the probe vector ``[hidden]`` (fp32 numpy) from a safetensors file (no torch import).
 
     Args:
         path: a ``.safetensors`` file with a tensor ``probe`` (or ``mlp.weight``).
@@ -71,9 +72,6 @@ def read_probe(path: str | Path, probe_row: int | None = 1):
     Raises:
         SurgeryError: missing or pickle file, no probe tensor, bad shape or row, zero/non-finite.
     """
-    import torch
-    from safetensors import safe_open
-
     p = Path(path)
     if p.suffix.lower() in PICKLE_SUFFIXES:
         raise SurgeryError(
@@ -83,22 +81,20 @@ def read_probe(path: str | Path, probe_row: int | None = 1):
     if not p.is_file():
         raise SurgeryError(f"probe file {p} does not exist; pass --probe PROBE.safetensors")
     try:
-        with safe_open(str(p), framework="pt") as f:
-            keys = list(f.keys())
-            key = next((k for k in PROBE_KEYS if k in keys), None)
-            if key is None:
-                raise SurgeryError(
-                    f"probe file {p} has no tensor 'probe' (found: {', '.join(keys) or 'none'}); "
-                    "save the vector [hidden] or matrix [classes, hidden] under the key 'probe'"
-                )
-            t = f.get_tensor(key)
-    except SurgeryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        f = Checkpoint.open(p)  # the header is validated against the file size
+    except SurgeryError as e:
         raise SurgeryError(f"cannot read probe file {p} as safetensors ({e})") from None
+    keys = f.names()
+    key = next((k for k in PROBE_KEYS if k in keys), None)
+    if key is None:
+        raise SurgeryError(
+            f"probe file {p} has no tensor 'probe' (found: {', '.join(keys) or 'none'}); "
+            "save the vector [hidden] or matrix [classes, hidden] under the key 'probe'"
+        )
+    if not f.info(key).computable:
+        raise SurgeryError(f"probe {p}:{key} is {f.dtype(key)}; a float vector is required")
+    t = widen(f.array(key), f.dtype(key))  # fp32 numpy (a probe file has no config: no Conv1D)
     shape = list(t.shape)
-    if not t.is_floating_point():
-        raise SurgeryError(f"probe {p}:{key} is {t.dtype}; a float vector is required")
     if t.ndim == 2 and probe_row is None:
         vec = t
     elif t.ndim == 2:
@@ -114,23 +110,22 @@ def read_probe(path: str | Path, probe_row: int | None = 1):
         raise SurgeryError(
             f"probe {p}:{key} has shape {shape}; expected [hidden] or [classes, hidden]"
         )
-    vec = vec.to(torch.float32)
-    norm = float(torch.linalg.vector_norm(vec.double().ravel()))
+    norm = float(np.linalg.norm(vec.astype(np.float64).ravel()))
     if not np.isfinite(norm) or norm == 0.0:
         raise SurgeryError(f"probe {p}:{key} has norm {norm}; a finite non-zero vector is required")
     row = probe_row if t.ndim == 2 else None
     info = {"file": str(p), "key": key, "shape": shape, "row": row}
     info["norm"] = norm
-    return vec.contiguous(), info
+    return np.ascontiguousarray(vec), info
 
 
 def _cosine_task(ckpt: Checkpoint, vec, device: str, name: str) -> TensorResult:
     """Read-only pass: the cosine of every row of one tensor with the probe (float64, host)."""
-    from ops.backend import to_host, to_xp
+    from ops.backend import to_host
     from ops.edit import row_cosines
 
     w = load(ckpt, name, device)  # (out, in) fp32
-    cos = call(row_cosines, name, ckpt.shape(name), w, to_xp(vec, device))
+    cos = call(row_cosines, name, ckpt.shape(name), w, widen(vec, "F32", device))
     return TensorResult(name, report={"cos": to_host(cos)})
 
 
@@ -145,10 +140,10 @@ def _edit_task(
     name: str,
 ) -> TensorResult:
     """Write pass: edit one tensor in fp32, cast back to the output dtype."""
-    from ops.backend import array_namespace, to_xp
+    from ops.backend import array_namespace
 
     w = load(ckpt, name, device)
-    d = to_xp(vec, device)
+    d = widen(vec, "F32", device)
     kw = dict(params)
     report: dict[str, Any] = {}
     if selected is not None:  # probe: this tensor's share of the global selection
