@@ -322,17 +322,43 @@ def map_tasks(
         raise SurgeryError(f"unknown executor {executor!r}; choices: serial, thread, process, ray")
 
 
+def _map_pool(pool, task, order: list[str], workers: int) -> Iterator[TensorResult]:
+    """Feed ``order`` to an executor pool, at most ``2 × workers`` queued; completion order.
+
+    A task's exception is raised here (and ends the run); the pool is shut down either way, with
+    the queued tasks cancelled.
+    """
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    pending: set = set()
+    try:
+        it = iter(order)
+        for n in it:
+            pending.add(pool.submit(task, n))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                res = f.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.add(pool.submit(task, nxt))
+                yield res
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _map_threads(task, order: list[str], workers: int, device: str) -> Iterator[TensorResult]:
     """``workers`` tasks at once in this process's threads (numpy and file reads drop the GIL).
 
     Pays off for the memory-bound verbs: TIES merges ran 1.4-1.8× faster with 2 threads on 2
     cores (bench/merge.py); BLAS-bound verbs (SVDs) already use every core and get slower. Peak
     memory is up to ``workers`` × the serial run's per-tensor peak (the largest tensors start
-    first, side by side).
-    At most ``2 × workers`` tasks are queued; results come in completion order, and the writer
-    places them at fixed offsets, so the bytes are the serial run's.
+    first, side by side). Results come in completion order, and the writer places them at fixed
+    offsets, so the bytes are the serial run's.
     """
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    from concurrent.futures import ThreadPoolExecutor
 
     if device == "gpu":
         raise SurgeryError(
@@ -340,29 +366,13 @@ def _map_threads(task, order: list[str], workers: int, device: str) -> Iterator[
             "or ray with one actor per GPU"
         )
     pool = ThreadPoolExecutor(workers, thread_name_prefix="surgery")
-    pending: set = set()
-    try:
-        it = iter(order)
-        for n in it:
-            pending.add(pool.submit(task, n))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                res = f.result()  # a task's error ends the run here (queued tasks are cancelled)
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.add(pool.submit(task, nxt))
-                yield res
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    yield from _map_pool(pool, task, order, workers)
 
 
 def _map_process(task, order: list[str], workers: int) -> Iterator[TensorResult]:
     import multiprocessing as mp
     import os
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     from .executors import Interrupted, init_pool_worker, scoped_env, thread_env, worker_threads
@@ -370,38 +380,21 @@ def _map_process(task, order: list[str], workers: int) -> Iterator[TensorResult]
     # spawn: torch and BLAS thread pools are not fork-safe. Each worker gets its share of the
     # cores for BLAS (at least 2: see worker_threads), so N workers do not run N × cores threads.
     threads = worker_threads(workers)
-    pool = ProcessPoolExecutor(
-        workers,
-        mp_context=mp.get_context("spawn"),
-        initializer=init_pool_worker,
-        initargs=(threads, os.getpid()),
-    )
-    pending: set = set()
-    env = scoped_env(thread_env(threads))  # workers spawn on submit: keep it for the pool's life
-    env.__enter__()
-    try:
-        it = iter(order)
-        for n in it:
-            pending.add(pool.submit(task, n))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in done:
-                try:
-                    res = f.result()
-                except BrokenProcessPool:
-                    raise Interrupted(
-                        "a worker process died (out of memory?); finished tensors are kept: "
-                        "rerun the same command with --resume (and fewer --workers)"
-                    ) from None
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.add(pool.submit(task, nxt))
-                yield res
-    finally:
-        env.__exit__(None, None, None)
-        pool.shutdown(wait=True, cancel_futures=True)
+    # Workers spawn on submit: the thread environment is kept for the pool's life.
+    with scoped_env(thread_env(threads)):
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=mp.get_context("spawn"),
+            initializer=init_pool_worker,
+            initargs=(threads, os.getpid()),
+        )
+        try:
+            yield from _map_pool(pool, task, order, workers)
+        except BrokenProcessPool:
+            raise Interrupted(
+                "a worker process died (out of memory?); finished tensors are kept: "
+                "rerun the same command with --resume (and fewer --workers)"
+            ) from None
 
 
 def _entries(job: Job) -> list[Entry]:
