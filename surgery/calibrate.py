@@ -1284,14 +1284,17 @@ def calibrate(
         n = plan.in_features[m]
         entries += [Entry(f"{m}.cov", cov_dt, (n, n)), Entry(f"{m}.samples", "I64", (1,)),
                     Entry(f"{m}.tokens", "I64", (1,))]  # fmt: skip
-    writer = StatsWriter(dest, entries, fingerprint=fp, convention=plan.cov_norm, options=options)
     model, _ = build_model(plan.ckpt, config=plan.config_path, device=plan.device)
+    writer = None
     try:
+        writer = StatsWriter(dest, entries, fingerprint=fp, convention=plan.cov_norm,
+                             options=options)  # fmt: skip
         for gi, group in enumerate(plan.groups):
             _run_group(plan, model, group, gi, plan.device, progress, writer.write)
         writer.commit()
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()  # nothing half-written
         raise
     finally:
         del model

@@ -531,6 +531,7 @@ def test_nan_activation_names_module_and_line(tmp_path):
             tmp_path / "nan", p, out=tmp_path / "s.safetensors", batch_size=2, cache_dir=False
         )
     assert not (tmp_path / "s.safetensors").exists()
+    assert not list(tmp_path.glob(".s*")), "a temporary stats file was left behind"
 
 
 def test_parse_memory():
