@@ -732,7 +732,9 @@ def test_grouped_calibration_holds_one_group_in_memory(tmp_path):
     one_group = peak("1GB", "all-linear", "a.safetensors")
     grouped = peak("70MB", "all-linear", "g.safetensors")
     assert one_group - single > 150 * mib, "the measurement misses the covariances"
-    assert grouped - single < 32 * mib, f"grouped: {(grouped - single) / mib:.0f} MiB over one cov"
+    # Less than one more covariance (64 MiB); measured 6-37 MiB of allocator noise. Holding the
+    # finished groups, as the old code did, measured +216 MiB.
+    assert grouped - single < 64 * mib, f"grouped: {(grouped - single) / mib:.0f} MiB over one cov"
     a, g = Stats.open(tmp_path / "a.safetensors"), Stats.open(tmp_path / "g.safetensors")
     for m in a.modules():
         assert torch.equal(a.cov(m), g.cov(m)), m
