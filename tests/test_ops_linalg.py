@@ -112,3 +112,34 @@ def test_host_rng_depends_on_seed_name_and_extra():
     assert not np.array_equal(a, host_rng(0, "b").random(4))
     assert not np.array_equal(a, host_rng(0, "a", 1).random(4))
     np.testing.assert_array_equal(a, host_rng(0, "a").random(4))
+
+
+def test_exact_topk_takes_the_gram_route_when_safe_and_falls_back_otherwise():
+    """CPU exact top-k: fp64 Gram + top-k eigh when κ_k allows, else the sliced full SVD."""
+    from ops.linalg import gram_svd, svd, svd_topk
+
+    rng = np.random.default_rng(0)
+    q1, _ = np.linalg.qr(rng.standard_normal((300, 120)))
+    q2, _ = np.linalg.qr(rng.standard_normal((120, 120)))
+    cases = [
+        (np.arange(1, 121) ** -1.0, 10, True),  # κ_10 = 10
+        (np.logspace(0, -12, 120), 60, False),  # κ_60 ≈ 9e5 > 2.3e4: refused
+    ]
+    for sig, k, gram in cases:
+        w = ((q1 * sig) @ q2.T).astype(np.float32)  # (300, 120), exact spectrum sig
+        assert (gram_svd(w, k) is not None) == gram
+        u, s, vh = svd_topk(w, k, niter=0)
+        uf, sf, vhf = svd(w)
+        if gram:
+            np.testing.assert_allclose(s, sf[:k], rtol=2e-5)
+            np.testing.assert_allclose(u, uf[:, :k], atol=1e-4)  # canonical signs on both
+            np.testing.assert_allclose(vh, vhf[:k], atol=1e-4)
+        else:  # refused: exactly the sliced full SVD
+            assert np.array_equal(s, sf[:k]) and np.array_equal(u, uf[:, :k])
+        assert s.dtype == np.float32 and u.shape == (300, k) and vh.shape == (k, 120)
+    # The wide orientation uses the other Gram (short side) and gives the transposed answer.
+    w = ((q1 * np.arange(1, 121) ** -1.0) @ q2.T).astype(np.float32)
+    u, s, vh = svd_topk(w.T.copy(), 10, niter=0)
+    ut, st, vht = svd_topk(w, 10, niter=0)
+    np.testing.assert_allclose(s, st, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(u), np.abs(vht.T), atol=1e-4)
