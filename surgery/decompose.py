@@ -211,14 +211,14 @@ def _decompose_task(
     name: str,
 ) -> TensorResult:
     """One module: ``W → (residual, LowRank)``; report measured on the residual as stored."""
-    from ops.backend import host_rng, to_xp
+    from ops.backend import host_rng
     from ops.decompose import report
 
     w = load(ckpt, name, device)  # (out, in) fp32
     kw: dict[str, Any] = {}
     if stats_path is not None and _needs(fn, "cov"):
         # float64 on the way in: CorDA damps and solves in float64.
-        kw["cov"] = to_xp(_stats(stats_path).cov(module_of(name)), device, "float64")
+        kw["cov"] = widen(_stats(stats_path).cov_array(module_of(name)), "F64", device, "float64")
     residual, lr = call(
         fn, name, ckpt.shape(name), w, rank=rank, rng=host_rng(seed, name), scale=scale,
         **kw, **params,

@@ -26,6 +26,7 @@ from .checkpoint import read_header
 from .errors import SurgeryError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from .checkpoint import Checkpoint
@@ -55,6 +56,7 @@ class Stats:
         self._names = names
         self._shapes = shapes
         self._handle: Any = None
+        self._reader: Any = None  # a Checkpoint on the same file, for numpy reads
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Stats:
@@ -137,6 +139,22 @@ class Stats:
                 raise SurgeryError(f"{self.path}: cannot open as safetensors ({e})") from None
         return self._handle.get_tensor(name)
 
+    def cov_array(self, module: str) -> np.ndarray:
+        """``<module>.cov`` as a float64 numpy array, read without torch (for the numpy verbs)."""
+        import numpy as np
+
+        from ops.backend import bf16_to_f32
+
+        from .checkpoint import Checkpoint
+
+        name = f"{module}.cov"
+        if name not in self._shapes:
+            raise self._missing(module, "cov")
+        if self._reader is None:
+            self._reader = Checkpoint.open(self.path)
+        a = self._reader.array(name)
+        return (bf16_to_f32(a) if self._reader.dtype(name) == "BF16" else a).astype(np.float64)
+
     def cov(self, module: str) -> torch.Tensor:
         """The ``[in, in]`` covariance of ``module`` (stored dtype: float32 or float64)."""
         return self.get(module, "cov")
@@ -148,7 +166,7 @@ class Stats:
         return int(self.get(module, key).reshape(-1)[0])
 
     def close(self) -> None:
-        self._handle = None
+        self._handle = self._reader = None
 
     def _missing(self, module: str, key: str) -> SurgeryError:
         from .errors import did_you_mean

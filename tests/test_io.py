@@ -339,16 +339,37 @@ def test_writer_takes_numpy_and_bf16_bits(tmp_path):
 
 
 def test_numpy_verbs_never_import_torch(tmp_path):
-    """extract, PiSSA/KaSA, merges and probe edits run on numpy: no 1.5 s torch import."""
+    """extract, PiSSA/KaSA/CorDA (--stats), merges and probe edits run on numpy: no torch import."""
     base = demo.tiny_llama(tmp_path / "b", dtype="bfloat16")
     tuned = demo.tiny_llama(tmp_path / "t", dtype="bfloat16", seed=1)
     probe = tmp_path / "probe.safetensors"
     save_file({"probe": torch.randn(2, 32).to(torch.bfloat16)}, str(probe))
+    from surgery.stats import write_stats
+
+    ck = Checkpoint.open(base)
+    lin = [n[: -len(".weight")] for n in ck.names() if n.endswith("_proj.weight")]
+    covs = {}
+    for m in lin:
+        x = torch.randn(64, ck.shape(m + ".weight")[1])
+        covs[m + ".cov"] = x.T @ x
+    stats = write_stats(tmp_path / "stats.safetensors", covs, convention="max")
     b, t = str(base), str(tuned)
     runs = [
         ["extract", b, t, "-r", "4", "-o", str(tmp_path / "e")],
         ["decompose", b, "-m", "pissa", "-r", "4", "-o", str(tmp_path / "p")],
         ["decompose", b, "-m", "kasa", "-r", "4", "-o", str(tmp_path / "k")],
+        [
+            "decompose",
+            b,
+            "-m",
+            "corda",
+            "-r",
+            "4",
+            "--stats",
+            str(stats),
+            "-o",
+            str(tmp_path / "c"),
+        ],
         ["merge", t, "--base", b, "--method", "ties", "-o", str(tmp_path / "m")],
         ["edit", b, "-m", "probe", "--probe", str(probe), "-o", str(tmp_path / "x")],
     ]
