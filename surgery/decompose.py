@@ -387,11 +387,10 @@ def _delta(base: Checkpoint, tuned: Checkpoint, name: str, device: str):
 
 def _spectrum_task(base: Checkpoint, tuned: Checkpoint, device: str, name: str) -> TensorResult:
     """Read-only pass for ``--budget``: the singular values of one module's task vector."""
-    from ops.backend import array_namespace, to_host
+    from ops.backend import to_host
+    from ops.linalg import singular_values
 
-    d = _delta(base, tuned, name, device)
-    xp = array_namespace(d)
-    s = to_host(xp.linalg.svd(d, compute_uv=False)).astype(np.float64)
+    s = to_host(singular_values(_delta(base, tuned, name, device)))
     return TensorResult(name, report={"sigma": s})
 
 
@@ -412,7 +411,7 @@ def _extract_task(
     """One module: ``Δ = W_tuned − W_base`` → best rank-r factors (rank from -r/energy/budget)."""
     from ops.backend import array_namespace, host_rng, to_host
     from ops.decompose import ranks_for_energy, report
-    from ops.linalg import svd
+    from ops.linalg import singular_values, svd_topk
     from ops.lowrank import split_factors
 
     d = _delta(base, tuned, name, device)  # (out, in)
@@ -423,11 +422,11 @@ def _extract_task(
         return TensorResult(name, report={**head, "rank": 0, "unchanged": True})
     sigma = None
     if energy is not None:
-        # One full SVD serves both the rank choice and the factors.
-        u, s, vh = svd(d)
-        r = ranks_for_energy([s], energy, min_rank=bounds[0], max_rank=bounds[1])[0]
-        lr = split_factors(u[:, :r], s[:r], vh[:r], 1.0)
-        sigma = to_host(s)
+        # The spectrum (fp64 Gram eigenvalues) picks the rank; the exact top-r gives the factors.
+        sigma = to_host(singular_values(d))
+        r = ranks_for_energy([sigma], energy, min_rank=bounds[0], max_rank=bounds[1])[0]
+        u, s, vh = svd_topk(d, r, niter=0)
+        lr = split_factors(u, s, vh, 1.0)
     else:
         r = ranks[name] if ranks is not None else int(rank)
         if r == 0:  # the budget gave this module nothing: all of Δ is dropped

@@ -143,3 +143,18 @@ def test_exact_topk_takes_the_gram_route_when_safe_and_falls_back_otherwise():
     ut, st, vht = svd_topk(w, 10, niter=0)
     np.testing.assert_allclose(s, st, rtol=1e-5)
     np.testing.assert_allclose(np.abs(u), np.abs(vht.T), atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(200, 80), (80, 200)])
+def test_singular_values_from_the_gram_match_the_svd(shape):
+    from ops.linalg import singular_values
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal(shape) * np.logspace(0, -9, shape[1])).astype(np.float32)
+    s = singular_values(w)
+    ref = np.linalg.svd(w.astype(np.float64), compute_uv=False)
+    assert s.dtype == np.float64 and s.shape == (min(shape),) and np.all(np.diff(s) <= 0)
+    np.testing.assert_allclose(s, ref, rtol=0, atol=1e-7 * ref[0])  # every σ to 1e-7·σ₁
+    big = ref > 1e-4 * ref[0]
+    np.testing.assert_allclose(s[big], ref[big], rtol=1e-9)  # the top: to fp64 precision
+    assert np.sum(s**2) == pytest.approx(np.sum(w.astype(np.float64) ** 2), rel=1e-12)
