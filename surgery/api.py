@@ -32,21 +32,21 @@ def _group(name: str) -> str:
 def spectra(ckpt: Checkpoint, names: list[str], device: str = "cpu") -> dict[str, dict[str, Any]]:
     """Per-matrix singular-value figures: top σ, effective rank at 90/99 % energy, stable rank.
 
-    Loads one matrix at a time (full SVD in fp32).
+    Loads one matrix at a time; the singular values come from its fp64 Gram matrix
+    (:func:`ops.linalg.singular_values`: exact to fp32 precision down to 1e-7·σ₁, 5-9× faster than
+    an SVD).
     """
     import numpy as np
 
-    from ops.backend import array_namespace, to_host
+    from ops.backend import to_host
+    from ops.linalg import singular_values
     from ops.lowrank import rank_for_energy
 
     from .run import load
 
     out: dict[str, dict[str, Any]] = {}
     for n in names:
-        w = load(ckpt, n, device)
-        xp = array_namespace(w)
-        s = xp.linalg.svd(w, compute_uv=False)
-        s = np.asarray(to_host(s), dtype=np.float64)
+        s = np.asarray(to_host(singular_values(load(ckpt, n, device))), dtype=np.float64)
         fro2 = float((s**2).sum())
         out[n] = {
             "top_sigma": float(s[0]) if s.size else 0.0,
