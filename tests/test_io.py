@@ -376,11 +376,13 @@ def test_numpy_verbs_never_import_torch(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         from cli import cli
-        for argv in {runs!r}:
+        for i, argv in enumerate({runs!r}):
             try:
                 cli(argv + ["-q"], standalone_mode=False)
             except SystemExit as e:
                 assert not e.code, e
+            if i == 1:  # extract and PiSSA need no scipy either (0.25 s)
+                assert "scipy" not in sys.modules, "scipy was imported"
         assert "torch" not in sys.modules, "torch was imported"
     """)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
