@@ -194,9 +194,9 @@ def corda(
     top-r through :func:`ops.linalg.svd_topk`: an fp64 Gram + top-r ``eigh`` when ``κ_r`` allows,
     4-5× faster than ``gesdd``), so the result is at least as accurate as PEFT's fp32 ``inv``.
     Because the check runs on an fp64 solve, λ stays at 0.01 where PEFT's fp32 check may double it
-    for an ill-conditioned C. C is divided by
-    ``mean(diag C)`` first, so ``A``, ``B`` and ``W_res`` do not depend on C's overall scale (PEFT's
-    split between A and B does; its ``B@A`` and ``W_res`` equal ours).
+    for an ill-conditioned C. C is divided by ``mean(diag C)`` first, so ``A``, ``B`` and ``W_res``
+    do not depend on C's overall scale (PEFT's split between A and B does; its ``B@A`` and
+    ``W_res`` equal ours).
 
     Args:
         w: ``(out, in)`` weight.

@@ -104,6 +104,14 @@ def gram_ok(lam: Array, k: int, limit: float) -> bool:
     return lk > 0 and l1 / lk <= limit * limit
 
 
+def _short_gram(w: Array, dtype: Any) -> tuple[Array, Array, bool]:
+    """``(A, AᵀA, transposed)`` with ``A = w`` (or ``wᵀ`` when wide) in ``dtype``: ``A (M, N)``,
+    ``M ≥ N``, so the Gram matrix is ``(N, N)`` over the short side."""
+    transpose = w.shape[0] < w.shape[1]
+    a = (w.T if transpose else w).astype(dtype)
+    return a, a.T @ a, transpose
+
+
 def gram_svd(
     w: Array, k: int | None = None, *, gram_dtype: Any = None, check: bool = True
 ) -> tuple[Array, Array, Array] | None:
@@ -136,9 +144,7 @@ def gram_svd(
     if not 0 < kk <= min(m, n):
         raise OpError(f"rank must be in [1, {min(m, n)}], got {k}")
     gdt = np.dtype(np.float64 if gram_dtype is None else gram_dtype)
-    transpose = m < n
-    a = (w.T if transpose else w).astype(gdt)  # (M, N), M ≥ N
-    g = a.T @ a  # (N, N) symmetric PSD
+    a, g, transpose = _short_gram(w, gdt)  # (M, N) with M ≥ N; (N, N) symmetric PSD
     big_n = int(g.shape[0])
     if xp is np and kk < big_n and big_n >= 512:
         # Top-k only (syevr) pays from a few hundred columns on; below, numpy's full eigh is as
@@ -177,8 +183,8 @@ def singular_values(w: Array) -> Array:
     xp = array_namespace(w)
     if w.ndim != 2:
         raise OpError(f"singular_values expects a 2-D matrix, got shape {tuple(w.shape)}")
-    a = (w.T if w.shape[0] < w.shape[1] else w).astype(xp.float64)
-    lam = xp.linalg.eigvalsh(a.T @ a)[::-1]  # descending
+    _, g, _ = _short_gram(w, xp.float64)
+    lam = xp.linalg.eigvalsh(g)[::-1]  # descending
     return xp.sqrt(xp.maximum(lam, 0))
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "TensorInfo",
     "COMPUTABLE_DTYPES",
     "st_dtype",
+    "NP_DTYPES",
     "DTYPE_SIZES",
     "PICKLE_SUFFIXES",
     "AUX_FILES",
@@ -68,7 +69,7 @@ _TORCH_DTYPES = {
     "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }  # fmt: skip
 # numpy dtypes of the stored bytes; BF16 travels as its uint16 bit pattern (numpy has no bfloat16).
-_NP_DTYPES = {
+NP_DTYPES = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
     "I16": "<i2", "I8": "i1", "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BOOL": "?",
 }  # fmt: skip
@@ -415,7 +416,7 @@ class Checkpoint:
         import numpy as np
 
         info = self.info(name)
-        npdt = _NP_DTYPES.get(info.dtype)
+        npdt = NP_DTYPES.get(info.dtype)
         if npdt is None:
             raise SurgeryError(
                 f"tensor {name!r} is {info.dtype}, which surgery does not compute on; it is "

@@ -302,16 +302,18 @@ def _stream(
         from ops.backend import release_memory
 
         passes[0] += 1
-        load = lambda n: _deltas(base, models, n, device)[1]  # noqa: E731
+        task_vectors = lambda n: _deltas(base, models, n, device)[1]  # noqa: E731
         if device != "cpu" or len(names) < 2:
             pool = None
         else:
             pool = ThreadPoolExecutor(1, thread_name_prefix="surgery-prefetch")
         try:
-            nxt = pool.submit(load, names[0]) if pool else None
+            nxt = pool.submit(task_vectors, names[0]) if pool else None
             for i, n in enumerate(names):
-                d = nxt.result() if nxt is not None else load(n)
-                nxt = pool.submit(load, names[i + 1]) if pool and i + 1 < len(names) else None
+                d = nxt.result() if nxt is not None else task_vectors(n)
+                nxt = (
+                    pool.submit(task_vectors, names[i + 1]) if pool and i + 1 < len(names) else None
+                )
                 if progress is not None:
                     progress(i + 1, len(names), f"pass {passes[0]}: {n}")
                 yield d

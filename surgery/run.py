@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ops.backend import OpError, release_memory, select_device, to_torch, to_xp
 
-from .checkpoint import COMPUTABLE_DTYPES, Checkpoint, st_dtype, torch_dtype
+from .checkpoint import COMPUTABLE_DTYPES, NP_DTYPES, Checkpoint, st_dtype, torch_dtype
 from .errors import SurgeryError
 from .manifest import Manifest
 from .targets import module_of
@@ -250,7 +250,7 @@ def narrow(arr, dtype: str):
     a = np.asarray(arr)
     if dtype == "BF16":
         return f32_to_bf16(a)
-    return a.astype({"F64": np.float64, "F32": np.float32, "F16": np.float16}[dtype], copy=False)
+    return a.astype(NP_DTYPES[dtype], copy=False)
 
 
 def widen(t, dtype: str, device: str = "cpu", precision: str = "float32"):

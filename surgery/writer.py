@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import DTYPE_SIZES
+from .checkpoint import DTYPE_SIZES, NP_DTYPES
 from .errors import SurgeryError
 
 if TYPE_CHECKING:
@@ -51,11 +51,6 @@ TORCH_TO_ST = {
     "torch.bfloat16": "BF16", "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16",
     "torch.int8": "I8", "torch.uint8": "U8", "torch.bool": "BOOL",
     "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2",
-}  # fmt: skip
-NUMPY_TO_ST = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64",
-    "bool": "BOOL",
 }  # fmt: skip
 DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' "5GB"
 
@@ -193,7 +188,10 @@ class ShardWriter:
         if type(tensor).__module__.split(".")[0] == "numpy":
             import numpy as np
 
-            got = NUMPY_TO_ST.get(tensor.dtype.name)
+            got = next(
+                (k for k, v in NP_DTYPES.items() if k != "BF16" and np.dtype(v) == tensor.dtype),
+                str(tensor.dtype),
+            )
             if got == "U16" and e.dtype == "BF16":
                 got = "BF16"  # bfloat16 travels as its bit pattern (numpy has no bfloat16)
             data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
