@@ -137,19 +137,20 @@ def select_device(device: str = "auto") -> str:
 def to_xp(t: torch.Tensor, device: str = "cpu", dtype: str = "float32") -> Array:
     """Convert a torch tensor to a float xp array on ``device`` (``cpu`` → numpy, ``gpu`` → cupy).
 
-    The upcast happens in torch (numpy has no bfloat16). A CUDA tensor goes to cupy zero-copy via
-    DLPack; a CPU tensor goes through a host numpy view.
+    On the host the upcast happens in torch (numpy has no bfloat16). For the GPU a CUDA tensor
+    goes to cupy zero-copy via DLPack, and a CPU tensor crosses PCIe in its stored dtype and is
+    widened on the device (``ops.cuda.torch_to_device``): no host-side upcast, half the bytes.
     """
     import torch
 
-    tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     t = t.detach()
-    if t.dtype != tdtype:
-        t = t.to(tdtype)
     if device == "gpu":
-        from .cuda import torch_to_device  # DLPack, or pinned staging in the stored dtype
+        from .cuda import torch_to_device
 
         return torch_to_device(t, dtype)
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    if t.dtype != tdtype:
+        t = t.to(tdtype)
     return t.cpu().contiguous().numpy()
 
 
@@ -190,8 +191,9 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 (any shape) → bfloat16 bit patterns (uint16), rounded to nearest, ties to even.
 
     Bit-identical to torch's ``.to(torch.bfloat16)`` for every non-NaN input (subnormals and
-    overflow to ±inf included); NaN becomes the canonical quiet NaN ``0x7FC0`` (torch's scalar
-    rule). float64 input is first rounded to float32, as torch does.
+    overflow to ±inf included); every NaN becomes ``0xFFFF``, as torch 2.13's CPU cast gives
+    (measured, scalar and vectorised) and as the device kernel in ``ops.cuda`` writes. float64
+    input is first rounded to float32, as torch does.
     """
     f = np.ascontiguousarray(x, dtype=np.float32)
     u = f.view(np.uint32)
@@ -205,7 +207,7 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     out = r.astype(np.uint16)
     nan = np.isnan(f)
     if nan.any():
-        out[nan] = 0x7FC0
+        out[nan] = 0xFFFF
     return out
 
 

@@ -4,8 +4,9 @@ Every public kernel in ``ops/`` is plain xp code that runs unchanged on cupy arr
 holds the few places where the GPU deserves its own code path, each reached through a one-line
 dispatch (``if xp is not numpy: from .cuda import ...``) in the generic kernel:
 
-* **Transfers** (:func:`torch_to_device`, :func:`to_host`, :func:`to_torch`): zero-copy DLPack for
-  CUDA tensors; otherwise the *stored* bytes (bf16/fp16, half of fp32) go through double-buffered
+* **Transfers** (:func:`upload`, :func:`download`, :func:`to_host`, and for torch callers
+  :func:`torch_to_device`, :func:`to_torch`): zero-copy DLPack for CUDA tensors; otherwise the
+  *stored* bytes (bf16/fp16, half of fp32) go through double-buffered
   pinned host buffers and are widened on the device; results are narrowed to bf16/fp16 on the
   device (the same round-to-nearest-even as torch, bit for bit) and copied back into pinned memory.
 * **Fused merges** (:func:`gta`, :func:`pcb_merge`, :func:`pcb_balance`, :func:`l1_norms`):
@@ -47,6 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 __all__ = [
     "cp",
+    "upload",
+    "download",
     "torch_to_device",
     "to_host",
     "to_torch",
@@ -163,12 +166,41 @@ def _narrow_f16_kernel():
     )
 
 
+def upload(host: np.ndarray, dtype: str = "float32", bf16: bool = False) -> Array:
+    """A host array in its *stored* dtype → a cupy array of ``dtype`` (``float32``/``float64``).
+
+    The stored bytes cross PCIe (bf16/fp16: half of fp32) through the pinned staging buffers and
+    are widened on the device. ``bf16=True`` says ``host`` holds bfloat16 bit patterns as uint16
+    (numpy has no bfloat16; :meth:`surgery.checkpoint.Checkpoint.array` returns them so). Widening
+    is exact, so the values equal the host path's ``ops.backend.bf16_to_f32`` / ``astype``.
+    """
+    dev = _upload(host)
+    if bf16:
+        dev = _widen_bf16_kernel()(dev)
+    return dev.astype(dtype, copy=False)
+
+
+def download(x: Array, dtype: str) -> np.ndarray:
+    """A float cupy array → a host numpy array in ``dtype``, narrowed *on the device*.
+
+    ``dtype`` is ``bfloat16`` (returned as uint16 bit patterns), ``float16``, ``float32`` or
+    ``float64``. The bf16/fp16 rounding is round-to-nearest-even, bit for bit as torch's CPU cast
+    and ``ops.backend.f32_to_bf16`` (every NaN → ``0xFFFF`` for bf16), and only the narrow bytes
+    cross PCIe.
+    """
+    cupy = cp()
+    if dtype in ("bfloat16", "float16") and x.dtype in (cupy.float32, cupy.float64):
+        kernel = _narrow_bf16_kernel() if dtype == "bfloat16" else _narrow_f16_kernel()
+        bits = to_host(kernel(x.astype(cupy.float32, copy=False)))
+        return bits if dtype == "bfloat16" else bits.view(np.float16)
+    return to_host(x.astype(dtype, copy=False))
+
+
 def torch_to_device(t: torch.Tensor, dtype: str = "float32") -> Array:
     """Move a torch tensor to a cupy array of ``dtype`` (``float32`` or ``float64``).
 
     A CUDA tensor is shared zero-copy through DLPack (cast first in torch when needed). A host
-    tensor crosses PCIe in its stored dtype (bf16 as raw 16-bit words) through pinned buffers and
-    is widened on the device; bf16/fp16 → fp32 is exact, so the values equal the CPU path's.
+    tensor goes through :func:`upload` in its stored dtype (bf16 as raw 16-bit words).
     """
     import torch
 
@@ -179,10 +211,9 @@ def torch_to_device(t: torch.Tensor, dtype: str = "float32") -> Array:
         return cupy.from_dlpack((t if t.dtype == tdt else t.to(tdt)).contiguous())
     t = t.contiguous()
     if t.dtype == torch.bfloat16:
-        dev = _widen_bf16_kernel()(_upload(t.view(torch.int16).numpy().view(np.uint16)))
-        return dev if dtype == "float32" else dev.astype(cupy.float64)
+        return upload(t.view(torch.int16).numpy().view(np.uint16), dtype, bf16=True)
     if t.dtype in (torch.float16, torch.float32, torch.float64):
-        return _upload(t.numpy()).astype(dtype, copy=False)
+        return upload(t.numpy(), dtype)
     return _upload(t.to(tdt).numpy())
 
 
@@ -199,20 +230,14 @@ def to_host(x: Array) -> np.ndarray:
 
 
 def to_torch(x: Array, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A cupy array → CPU torch tensor, narrowed to bf16/fp16 *on the device* before the copy.
-
-    The rounding is round-to-nearest-even as torch's CPU cast (NaN → 0xFFFF for bf16), so
-    the bytes equal those of ``to_torch`` on the host array, and half the bytes cross PCIe.
-    """
+    """A cupy array → CPU torch tensor, narrowed to bf16/fp16 on the device (:func:`download`)."""
     import torch
 
     cupy = cp()
-    if dtype == torch.bfloat16 and x.dtype in (cupy.float32, cupy.float64):
-        bits = _narrow_bf16_kernel()(x.astype(cupy.float32, copy=False))
-        return torch.from_numpy(to_host(bits).view(np.int16)).view(torch.bfloat16)
-    if dtype == torch.float16 and x.dtype in (cupy.float32, cupy.float64):
-        bits = _narrow_f16_kernel()(x.astype(cupy.float32, copy=False))
-        return torch.from_numpy(to_host(bits).view(np.int16)).view(torch.float16)
+    names = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    if dtype in names and x.dtype in (cupy.float32, cupy.float64):
+        host = download(x, names[dtype])
+        return torch.from_numpy(host.view(np.int16)).view(dtype)
     t = torch.from_numpy(to_host(x))
     return t.to(dtype) if dtype is not None and t.dtype != dtype else t
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ops.backend import OpError, release_memory, select_device, to_torch, to_xp
+from ops.backend import OpError, release_memory, select_device, to_xp
 
-from .checkpoint import COMPUTABLE_DTYPES, NP_DTYPES, Checkpoint, st_dtype, torch_dtype
+from .checkpoint import COMPUTABLE_DTYPES, NP_DTYPES, Checkpoint, st_dtype
 from .errors import SurgeryError
 from .manifest import Manifest
 from .targets import module_of
@@ -229,25 +229,27 @@ def load(ckpt: Checkpoint, name: str, device: str = "cpu", precision: str = "flo
             f"{name} {list(ckpt.shape(name))} is {dt}; surgery computes only on F16/BF16/F32/F64 "
             "weights; exclude it with --exclude or dequantize first"
         )
-    if device == "cpu":
-        # numpy all the way: no torch import (about 1.5 s) for the numpy-only verbs.
-        return widen(ckpt.array(name), dt, device, precision)
-    return to_xp(ckpt.get(name), device, precision)
+    # numpy bytes all the way, on either device: no torch import (about 1.5 s); for the GPU the
+    # stored bf16/fp16 bytes cross PCIe and are widened there (half of fp32's transfer).
+    return widen(ckpt.array(name), dt, device, precision)
+
+
+_NP_FLOAT = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
 def narrow(arr, dtype: str):
-    """fp32/fp64 xp array → the output dtype ``dtype`` (a safetensors name), host side.
+    """fp32/fp64 xp array → a host numpy array in the output dtype ``dtype`` (a safetensors name).
 
-    numpy input gives a numpy array (BF16 as uint16 bit patterns, rounded to nearest even, torch's
-    bits); cupy input is rounded on the device and gives a CPU torch tensor (half the transfer).
+    BF16 comes back as uint16 bit patterns, rounded to nearest even with torch's bits. cupy input
+    is rounded on the device, so only the narrow bytes cross PCIe.
     """
-    if type(arr).__module__.split(".")[0] == "cupy":
-        return to_torch(arr, torch_dtype(dtype))
-    import numpy as np
+    if type(arr).__module__.split(".")[0] == "cupy" and dtype in _NP_FLOAT:
+        from ops.cuda import download
 
-    from ops.backend import f32_to_bf16
+        return download(arr, _NP_FLOAT[dtype])
+    from ops.backend import f32_to_bf16, to_host
 
-    a = np.asarray(arr)
+    a = to_host(arr)
     if dtype == "BF16":
         return f32_to_bf16(a)
     return a.astype(NP_DTYPES[dtype], copy=False)
@@ -259,19 +261,18 @@ def widen(t, dtype: str, device: str = "cpu", precision: str = "float32"):
         return to_xp(t, device, precision)
     from ops.backend import bf16_to_f32
 
-    a = bf16_to_f32(t) if dtype == "BF16" else t
-    a = a.astype(precision, copy=False)
     if device == "gpu":
-        import cupy
+        from ops.cuda import upload  # stored bytes over PCIe, widened on the device
 
-        return cupy.asarray(a)
-    return a
+        return upload(t, precision, bf16=dtype == "BF16")
+    a = bf16_to_f32(t) if dtype == "BF16" else t
+    return a.astype(precision, copy=False)
 
 
 def store(ckpt: Checkpoint, name: str, arr, dtype: str):
     """xp array ``(out, in)`` → host array in the stored layout, cast to ``dtype`` (ST name).
 
-    A numpy array for numpy input, a torch tensor for cupy input; :class:`ShardWriter` takes both.
+    Always a numpy array (BF16 as uint16 bits), for either device; :class:`ShardWriter` takes it.
     """
     return ckpt.to_stored(name, narrow(arr, dtype))
 

@@ -431,6 +431,7 @@ def test_gpu_dlpack_zero_copy_and_transfers():
         got = to_torch(cp.asarray(f), dt)
         assert got.dtype == dt
         assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
+    _numpy_transfers_equal_host_casts(f, big.view(torch.int16).numpy().view(np.uint16))
 
 
 @gpu
@@ -892,6 +893,27 @@ def test_simulated_device_transfers_round_trip_bitwise(fake_cupy):
                            t.view(torch.int16 if dt != torch.float32 else torch.int32))  # fmt: skip
     big = torch.randn(40 << 20).to(torch.bfloat16)  # 80 MB: the double-buffered pinned path
     assert np.array_equal(to_host(to_xp(big, "gpu")), big.float().numpy())
+    _numpy_transfers_equal_host_casts(f, big.view(torch.int16).numpy().view(np.uint16))
+
+
+def _numpy_transfers_equal_host_casts(f, big_bits):
+    """run.widen/narrow on the device (upload/download, no torch) equal the host casts bitwise."""
+    from ops.backend import bf16_to_f32, f32_to_bf16, to_host
+    from surgery.run import narrow, widen
+
+    bits = f32_to_bf16(f)
+    assert (bits[np.isnan(f)] == 0xFFFF).all()
+    for dt, host in (("BF16", bits), ("F16", f.astype(np.float16)), ("F32", f)):
+        dev = widen(host, dt, "gpu")
+        assert type(dev).__module__.startswith("cupy") and dev.dtype == np.float32
+        ref = bf16_to_f32(host) if dt == "BF16" else host.astype(np.float32)
+        assert np.array_equal(to_host(dev).view(np.uint32), ref.view(np.uint32))
+        back = narrow(cuda.cp().asarray(f), dt)
+        assert isinstance(back, np.ndarray) and back.dtype == host.dtype, dt
+        assert np.array_equal(back.view(np.uint8), host.view(np.uint8)), dt
+    dev = widen(big_bits, "BF16", "gpu", "float64")
+    assert dev.dtype == np.float64
+    assert np.array_equal(to_host(dev), bf16_to_f32(big_bits).astype(np.float64))
 
 
 @pytest.mark.parametrize("verb", ["merge", "decompose"])
