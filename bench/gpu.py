@@ -438,13 +438,13 @@ def op_h2d(env: Env, nbytes: int) -> dict[str, Any]:
                            "unit": "byte", "peak": "pcie"}  # fmt: skip
     row["cpu"] = _try(lambda: timeit(lambda: t.float(), None, 1))  # the CPU path's widening
     if env.cupy is not None:
-        from ops.cuda import torch_to_device
+        from ops.cuda import upload
 
         cp = env.cupy
         h2d, _ = _pinned_floor(env, nbytes)
         row["pinned_floor_GBps"] = h2d / 1e9
-        row["cupy"] = _try(lambda: timeit(lambda: torch_to_device(t), env.sync_cupy, env.reps))
-        raw = t.view(torch.int16).numpy()
+        raw = t.view(torch.int16).numpy().view(np.uint16)  # what Checkpoint.array() returns
+        row["cupy"] = _try(lambda: timeit(lambda: upload(raw, bf16=True), env.sync_cupy, env.reps))
         row["cupy_pageable"] = _try(lambda: timeit(lambda: cp.asarray(raw), env.sync_cupy, 3))
     if env.torch_cuda:
         row["torch"] = _try(lambda: timeit(lambda: t.cuda(), env.sync_torch, env.reps))
@@ -459,24 +459,27 @@ def op_merge_io(env: Env, m: int, n: int, k: int = 3, tensors: int = 4) -> dict[
     import torch
 
     from ops import merge
-    from ops.backend import to_torch, to_xp
+    from surgery.run import narrow, widen  # the data path of run.load/run.store (numpy bytes)
 
     g = torch.Generator().manual_seed(0)
     base = [torch.randn(m, n, generator=g).to(torch.bfloat16) for _ in range(tensors)]
     fts = [[b + 0.01 * torch.randn(m, n, generator=g).to(torch.bfloat16) for _ in range(k)]
            for b in base]  # fmt: skip
+    bits = lambda t: t.view(torch.int16).numpy().view(np.uint16)  # noqa: E731 - what .array() gives
+    base_np = [bits(b) for b in base]
+    fts_np = [[bits(f) for f in ft] for ft in fts]
     up, down = (k + 1) * m * n * 2, m * n * 2  # bf16 bytes over PCIe per tensor
     row: dict[str, Any] = {"size": f"{tensors}x({k}+1)x{m}x{n} bf16", "work": tensors * (up + down),
                            "unit": "byte", "peak": "pcie"}  # fmt: skip
 
     def pipeline(device: str) -> None:
-        for b, ft in zip(base, fts, strict=True):
-            b32 = to_xp(b, device)
+        for b, ft in zip(base_np, fts_np, strict=True):
+            b32 = widen(b, "BF16", device)
             xp = np if device == "cpu" else env.cupy
-            d = xp.stack([to_xp(f, device) - b32 for f in ft])
+            d = xp.stack([widen(f, "BF16", device) - b32 for f in ft])
             out = merge.ties(d, xp.ones(k, xp.float32), density=0.2)
             out += b32
-            to_torch(out, torch.bfloat16)
+            narrow(out, "BF16")
 
     row["cpu"] = _try(lambda: timeit(lambda: pipeline("cpu"), None, 1))
     if env.cupy is not None:
