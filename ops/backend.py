@@ -7,6 +7,7 @@ never imports cupy: cupy is imported lazily, when a GPU is selected or a cupy ar
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import zlib
 from types import ModuleType
@@ -39,6 +40,7 @@ __all__ = [
     "bf16_to_f32",
     "f32_to_bf16",
     "release_memory",
+    "solver_checked",
 ]
 
 
@@ -87,6 +89,19 @@ def scipy_namespace(x: Any) -> ModuleType:
     import scipy.linalg  # noqa: F401
 
     return scipy
+
+
+def solver_checked(xp: ModuleType) -> contextlib.AbstractContextManager:
+    """A context in which a failed cuSOLVER call raises ``numpy.linalg.LinAlgError``.
+
+    CuPy ignores cuSOLVER's ``devInfo`` by default (a non-converged ``eigh``/``svd`` returns
+    garbage silently); numpy raises on its own, so on numpy this is a null context.
+    """
+    if xp is np:
+        return contextlib.nullcontext()
+    import cupyx
+
+    return cupyx.errstate(linalg="raise")
 
 
 def host_rng(seed: int, name: str, *extra: int) -> np.random.Generator:
@@ -211,9 +226,15 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def release_memory() -> None:
-    """Free the CuPy memory pools, if cupy was ever imported (no-op on the CPU path)."""
+def release_memory(pinned: bool = False) -> None:
+    """Free CuPy's unused device memory blocks, if cupy was ever imported (no-op on the CPU).
+
+    Called between tensors, so one tensor's temporaries never pin device memory for the next.
+    The pinned host pool is freed only with ``pinned=True`` (at the end of a run): its blocks are
+    the download buffers, and ``cudaHostAlloc`` per tensor would cost as much as pinning saves.
+    """
     cupy = sys.modules.get("cupy")
     if cupy is not None:
         cupy.get_default_memory_pool().free_all_blocks()
-        cupy.get_default_pinned_memory_pool().free_all_blocks()
+        if pinned:
+            cupy.get_default_pinned_memory_pool().free_all_blocks()

@@ -21,7 +21,7 @@ dispatch (``if xp is not numpy: from .cuda import ...``) in the generic kernel:
   fp32 Gram loses every σ below ≈√ε·σ_max). It is used only when :func:`gram_ok` accepts the
   computed spectrum, in float64, and falls back to ``gesvd`` otherwise.
 * :func:`cholesky` (cuSOLVER ``potrf`` with its ``devInfo`` checked), :func:`accumulate_cov`
-  (``C += XᵀX`` on the device) and :func:`release` (memory pools).
+  (``C += XᵀX`` on the device); the memory pools are freed by ``ops.backend.release_memory``.
 
 The module imports cupy lazily (:func:`cp`), so importing it, or ``ops``, never imports cupy. The
 Gram-route functions are pure xp code and are tested on numpy (tests/test_gpu.py runs the rest
@@ -33,13 +33,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
+import threading
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .backend import Array, OpError, array_namespace
+from .backend import Array, OpError, array_namespace, solver_checked
 from .linalg import canonicalize_signs as _canonical
 from .linalg import gram_limit, gram_ok, gram_svd
 
@@ -65,12 +65,12 @@ __all__ = [
     "svd_batched",
     "cholesky",
     "accumulate_cov",
-    "release",
 ]
 
 log = logging.getLogger("surgery")
 
 _CHUNK = 64 << 20  # bytes per pinned staging buffer (two of them: copy and DMA overlap)
+_STAGING_LOCK = threading.Lock()
 
 
 def cp() -> ModuleType:
@@ -87,34 +87,50 @@ def cp() -> ModuleType:
 # --------------------------------------------------------------------------- transfers
 
 
+@functools.cache
+def _staging() -> tuple[np.ndarray, np.ndarray]:
+    """The two pinned staging buffers (``_CHUNK`` bytes each), allocated once per process.
+
+    Kept for the life of the process: ``cudaHostAlloc`` is slow and synchronising, so they are
+    never handed back to the pinned pool (``ops.backend.release_memory`` frees only unused blocks).
+    """
+    cupy = cp()
+    return tuple(
+        np.ndarray((_CHUNK,), dtype=np.uint8, buffer=cupy.cuda.alloc_pinned_memory(_CHUNK))
+        for _ in range(2)
+    )
+
+
 def _upload(host: np.ndarray) -> Array:
     """Copy a host array to the device through two pinned staging buffers.
 
     ``np.copyto`` into one pinned buffer (host memcpy, page faults of an mmap included) overlaps
     with the asynchronous DMA of the other, so the transfer runs at PCIe speed rather than the
-    pageable-copy speed of ``cupy.asarray``.
+    pageable-copy speed of ``cupy.asarray``. The copies run on the *current* stream: the pool
+    block ``dev`` may have been freed on that stream by a kernel still queued there, and a copy on
+    another (non-blocking) stream could overwrite it before that kernel reads it.
     """
     cupy = cp()
     host = np.ascontiguousarray(host)
     flat = host.reshape(-1)
     dev = cupy.empty(flat.shape, dtype=flat.dtype)
-    if flat.nbytes <= _CHUNK // 4:  # small tensors: one synchronous copy is cheaper
+    if flat.nbytes <= _CHUNK // 4:  # small tensors: one pageable copy is cheaper than staging
         dev.set(flat)
         return dev.reshape(host.shape)
-    per = max(1, _CHUNK // flat.itemsize)
-    bufs = [cupy.cuda.alloc_pinned_memory(per * flat.itemsize) for _ in range(2)]
-    views = [np.ndarray((per,), dtype=flat.dtype, buffer=b) for b in bufs]
+    per = _CHUNK // flat.itemsize
+    views = [b.view(flat.dtype) for b in _staging()]
     done: list = [None, None]
-    stream = cupy.cuda.Stream(non_blocking=True)
-    for n, start in enumerate(range(0, flat.size, per)):
-        b = n % 2
-        if done[b] is not None:
-            done[b].synchronize()  # the DMA out of this buffer has finished
-        part = flat[start : start + per]
-        views[b][: part.size] = part
-        dev[start : start + part.size].set(views[b][: part.size], stream=stream)
-        done[b] = stream.record()
-    stream.synchronize()
+    stream = cupy.cuda.get_current_stream()
+    with _STAGING_LOCK:  # one process-wide pair of buffers
+        for n, start in enumerate(range(0, flat.size, per)):
+            b = n % 2
+            if done[b] is not None:
+                done[b].synchronize()  # the DMA out of this buffer has finished
+            part = flat[start : start + per]
+            views[b][: part.size] = part
+            dev[start : start + part.size].set(views[b][: part.size], stream=stream)
+            done[b] = stream.record()
+        stream.synchronize()  # the staging buffers are reused by the next call
     return dev.reshape(host.shape)
 
 
@@ -240,14 +256,6 @@ def to_torch(x: Array, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.from_numpy(host.view(np.int16)).view(dtype)
     t = torch.from_numpy(to_host(x))
     return t.to(dtype) if dtype is not None and t.dtype != dtype else t
-
-
-def release() -> None:
-    """Free every unused block of cupy's device and pinned memory pools."""
-    cupy = sys.modules.get("cupy")
-    if cupy is not None:
-        cupy.get_default_memory_pool().free_all_blocks()
-        cupy.get_default_pinned_memory_pool().free_all_blocks()
 
 
 # --------------------------------------------------------------------------- fused merges
@@ -553,7 +561,8 @@ def _driver() -> str:
 def _gesvd(w: Array) -> tuple[Array, Array, Array]:
     """The direct SVD (cuSOLVER ``gesvd`` through ``cupy.linalg.svd``), canonical signs."""
     xp = array_namespace(w)
-    u, s, vh = xp.linalg.svd(w, full_matrices=False)
+    with solver_checked(xp):
+        u, s, vh = xp.linalg.svd(w, full_matrices=False)
     u, vh = _canonical(u, vh)
     return u, s, vh
 
@@ -593,8 +602,10 @@ def svd_batched(ws: Array, k: int | None = None) -> tuple[Array, Array, Array]:
     """Thin SVDs of a stack of same-shape matrices ``ws (b, m, n)``.
 
     The Gram matrices and the ``U = A V / σ`` products are single batched GEMMs (``matmul`` over
-    the stack); ``eigh`` runs batched (numpy loops LAPACK ``syevd``; cupy ≥ 13 loops ``syevd`` or
-    calls ``syevjBatched`` for small n). Matrices whose spectrum the Gram route cannot carry
+    the stack); ``eigh`` is cuSOLVER's batched Jacobi (``syevjBatched``, what cupy calls for any
+    stacked input) up to 32 columns and ``syevd`` per matrix above, where Jacobi is slow and has
+    known failures (cupy#4847, #7261); numpy loops LAPACK. Matrices whose spectrum the Gram route
+    cannot carry
     (:func:`gram_ok`) are redone one by one with the direct SVD. Pure xp.
 
     Args:
@@ -613,9 +624,15 @@ def svd_batched(ws: Array, k: int | None = None) -> tuple[Array, Array, Array]:
     if not 0 < kk <= min(m, n):
         raise OpError(f"rank must be in [1, {min(m, n)}], got {k}")
     transpose = m < n
+    n_short = min(m, n)
     a = (xp.swapaxes(ws, 1, 2) if transpose else ws).astype(xp.float64)  # (b, M, N)
     g = xp.matmul(xp.swapaxes(a, 1, 2), a)  # (b, N, N)
-    lam, v = xp.linalg.eigh(g)  # (b, N), (b, N, N) ascending
+    with solver_checked(xp):
+        if xp is np or n_short <= 32:
+            lam, v = xp.linalg.eigh(g)  # (b, N), (b, N, N) ascending
+        else:  # cupy's batched eigh is Jacobi (syevjBatched), built for tiny N: syevd each
+            pairs = [xp.linalg.eigh(g[i]) for i in range(b)]
+            lam, v = xp.stack([p[0] for p in pairs]), xp.stack([p[1] for p in pairs])
     lam, v = lam[:, ::-1][:, :kk], v[:, :, ::-1][:, :, :kk]
     s = xp.sqrt(xp.maximum(lam, 0))  # (b, k)
     u = xp.matmul(a, v) / xp.where(s > 0, s, 1)[:, None, :]  # (b, M, k)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Array, OpError, array_namespace
+from .backend import Array, OpError, array_namespace, solver_checked
 
 __all__ = [
     "svd", "svd_topk", "randomized_svd", "canonicalize_signs", "use_randomized", "gram_svd",
@@ -153,7 +153,8 @@ def gram_svd(
 
         lam, v = scipy.linalg.eigh(g, subset_by_index=[big_n - kk, big_n - 1], driver="evr")
     else:
-        lam, v = xp.linalg.eigh(g)  # ascending
+        with solver_checked(xp):
+            lam, v = xp.linalg.eigh(g)  # ascending
     lam, v = lam[::-1][:kk], v[:, ::-1][:, :kk]  # (k,), (N, k) descending
     if check and not gram_ok(lam, kk, gram_limit(gdt, w.dtype)):
         return None
@@ -184,7 +185,8 @@ def singular_values(w: Array) -> Array:
     if w.ndim != 2:
         raise OpError(f"singular_values expects a 2-D matrix, got shape {tuple(w.shape)}")
     _, g, _ = _short_gram(w, xp.float64)
-    lam = xp.linalg.eigvalsh(g)[::-1]  # descending
+    with solver_checked(xp):
+        lam = xp.linalg.eigvalsh(g)[::-1]  # descending
     return xp.sqrt(xp.maximum(lam, 0))
 
 

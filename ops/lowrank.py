@@ -66,5 +66,6 @@ def rank_for_energy(s: Array, energy: float) -> int:
     if total == 0:
         return 0
     cum = xp.cumsum(e) / total
-    k = int(xp.searchsorted(cum, energy - 1e-12)) + 1
+    # searchsorted(cum, e, side="left") as a count: cupy < 14 takes no scalar ``v``.
+    k = int(xp.count_nonzero(cum < energy - 1e-12)) + 1
     return min(k, int(s.shape[0]))

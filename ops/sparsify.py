@@ -232,7 +232,7 @@ def kth_smallest(
             )
         keys = sortable_keys(c)  # (rows, m)
         digit = (keys >> keys.dtype.type(nbits - _DIGIT)).astype(xp.int64)
-        for r in range(rows):
+        for r in range(rows if c.shape[1] else 0):  # cupy's bincount refuses empty input
             hists[r] += xp.bincount(digit[r], minlength=_NBINS)
         total += c.shape[1]
     if rows is None or total == 0:
@@ -281,6 +281,8 @@ def kth_smallest(
                     t["acc"].append(_host(c[r][sel]))
                 else:
                     sub = keys[r][sel]
+                    if sub.size == 0:  # nothing of this bin in this chunk (cupy's bincount
+                        continue  # takes max() of its input, which fails on an empty one)
                     nxt = shift - keys.dtype.type(_DIGIT)
                     digit = ((sub >> nxt) & keys.dtype.type(_NBINS - 1)).astype(xp.int64)
                     h = xp.bincount(digit, minlength=_NBINS)

@@ -492,6 +492,7 @@ def execute(job: Job, progress: Progress | None = None) -> Path | Plan:
             done += 1
             if progress is not None:
                 progress(done, total, res.name)
+        release_memory(pinned=True)  # the device's download buffers (a no-op on the CPU)
         # Completion order varies with the executor; hand the adapter writer a fixed order.
         lowranks = dict(sorted(lowranks.items()))
         if writer is not None:

@@ -441,10 +441,16 @@ def test_gpu_memory_pool_release():
 
     pool = cp.get_default_memory_pool()
     x = cp.ones((4096, 4096), cp.float32)
+    pinned_block = cuda.to_host(x)  # a download buffer from the pinned pool
     del x
     assert pool.total_bytes() - pool.used_bytes() >= 4096 * 4096 * 4  # cached, not freed
     release_memory()
     assert pool.total_bytes() == pool.used_bytes()
+    pinned = cp.get_default_pinned_memory_pool()
+    del pinned_block
+    assert pinned.n_free_blocks() >= 1  # kept between tensors (cudaHostAlloc is slow)
+    release_memory(pinned=True)  # the end of a run
+    assert pinned.n_free_blocks() == 0
 
 
 @gpu
@@ -776,10 +782,23 @@ def fake_cupy(monkeypatch):
     cuda_ns = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, memGetInfo=lambda: (8 << 30,) * 2),
         Stream=_Stream,
+        get_current_stream=_Stream,
         alloc_pinned_memory=lambda n: bytearray(max(int(n), 1)),
         Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None),
     )
+
+    def bincount(x, *a, **k):  # cupy takes int(max(x)) + 1: an empty input fails
+        if x.size == 0:
+            raise ValueError("zero-size array to reduction operation cupy_max")
+        return _wrap(np.bincount(_unwrap(x), *a, **k))
+
+    def searchsorted(a, v, *args, **k):  # cupy < 14: "Only int or ndarray are supported for v"
+        if not isinstance(v, (_FakeArray, int)):
+            raise NotImplementedError("Only int or ndarray are supported for v")
+        return _wrap(np.searchsorted(_unwrap(a), _unwrap(v), *args, **k))
+
     fake = _FakeModule(np, {
+        "bincount": bincount, "searchsorted": searchsorted,
         "ndarray": _FakeArray, "cuda": cuda_ns, "ElementwiseKernel": _Kernel,
         "ReductionKernel": _Kernel, "asnumpy": lambda x: x.get(),
         "get_default_memory_pool": _Pool, "get_default_pinned_memory_pool": _Pool,
@@ -797,7 +816,7 @@ def fake_cupy(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupyx.scipy.linalg", fake_scipy.linalg)
     caches = [cuda._gta_kernel, cuda._pcb_balance_kernel, cuda._pcb_merge_kernel,
               cuda._l1_kernels, cuda._widen_bf16_kernel, cuda._narrow_bf16_kernel,
-              cuda._narrow_f16_kernel]  # fmt: skip
+              cuda._narrow_f16_kernel, cuda._staging]  # fmt: skip
     for c in caches:
         c.cache_clear()
     yield fake
@@ -947,3 +966,31 @@ def test_simulated_device_cli_equals_cpu(tmp_path, fake_cupy, verb):
             assert torch.equal(x.view(torch.int16), y.view(torch.int16)), name
         else:  # Gram route vs LAPACK: residuals agree to bf16 rounding
             torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_simulated_device_order_statistics_with_empty_chunks(fake_cupy):
+    """kth_smallest refining on the device with chunks lacking the target bin (and empty ones)."""
+    from ops.lowrank import rank_for_energy
+    from ops.sparsify import kth_smallest
+
+    rng = np.random.default_rng(3)
+    big = rng.standard_normal((2, 6000)).astype(np.float32)
+    chunks = [big[:, :3000], np.full((2, 50), 1e30, np.float32), big[:, 3000:],
+              np.zeros((2, 0), np.float32)]  # fmt: skip
+    ref = kth_smallest(lambda: iter(chunks), [10, 3000, 6049], gather_cap=16)
+    dev = [fake_cupy.asarray(c) for c in chunks]
+    got = kth_smallest(lambda: iter(dev), [10, 3000, 6049], gather_cap=16)
+    assert np.array_equal(got, ref)
+    s = np.sort(np.abs(big[0]))[::-1].copy()
+    assert rank_for_energy(fake_cupy.asarray(s), 0.9) == rank_for_energy(s, 0.9)
+
+
+def test_simulated_device_svd_batched_loops_syevd(fake_cupy):
+    rng = np.random.default_rng(5)
+    ws = rng.standard_normal((3, 80, 48)).astype(np.float32)
+    u, s, vh = cuda.svd_batched(fake_cupy.asarray(ws), 10)
+    for i in range(3):
+        ur, sr, vr = cuda.gram_svd(ws[i], 10)
+        np.testing.assert_allclose(s.get()[i], sr, rtol=1e-5)
+        np.testing.assert_allclose((u.get()[i] * s.get()[i]) @ vh.get()[i], (ur * sr) @ vr,
+                                   atol=1e-4)  # fmt: skip
