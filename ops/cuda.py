@@ -34,6 +34,7 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = [
     "cp",
     "upload",
+    "upload_from",
     "download",
     "torch_to_device",
     "to_host",
@@ -101,37 +103,78 @@ def _staging() -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def _upload(host: np.ndarray) -> Array:
-    """Copy a host array to the device through two pinned staging buffers.
+def _host_reader(host: np.ndarray) -> tuple[Callable[[int, np.ndarray], None], np.ndarray]:
+    """A :func:`upload_from` byte source over a host array (and the contiguous array read)."""
+    host = np.ascontiguousarray(host)
+    raw = host.reshape(-1).view(np.uint8)
 
-    ``np.copyto`` into one pinned buffer (host memcpy, page faults of an mmap included) overlaps
-    with the asynchronous DMA of the other, so the transfer runs at PCIe speed rather than the
-    pageable-copy speed of ``cupy.asarray``. The copies run on the *current* stream: the pool
-    block ``dev`` may have been freed on that stream by a kernel still queued there, and a copy on
-    another (non-blocking) stream could overwrite it before that kernel reads it.
+    def read(offset: int, buf: np.ndarray) -> None:
+        buf[...] = raw[offset : offset + buf.size]
+
+    return read, host
+
+
+def _upload(host: np.ndarray) -> Array:
+    """Copy a host array to the device in its own dtype (through the pinned staging buffers)."""
+    read, host = _host_reader(host)
+    return upload_from(read, host.shape, host.dtype)
+
+
+def upload_from(
+    read: Callable[[int, np.ndarray], None],
+    shape: tuple[int, ...],
+    stored: Any,
+    dtype: str | None = None,
+    bf16: bool = False,
+) -> Array:
+    """Stream a tensor's stored bytes through two pinned staging buffers onto the device.
+
+    ``read(offset, buf)`` fills the uint8 array ``buf`` with bytes ``[offset, offset + buf.size)``
+    (a file read: the kernel copies the page cache straight into pinned memory, the only host
+    copy). Filling one buffer overlaps with the asynchronous DMA of the other, so a load runs at
+    the slower of the read and PCIe, not at their sum, and no host copy of the whole tensor is
+    made. The copies run on the *current* stream: the pool block they fill may have been freed
+    on that stream by a kernel still queued there, and a copy on another (non-blocking) stream
+    could overwrite it before that kernel reads it.
+
+    Args:
+        read: the byte source (e.g. :meth:`surgery.checkpoint.Checkpoint.byte_reader`).
+        shape: the stored shape.
+        stored: the stored numpy dtype (bfloat16 as uint16 with ``bf16=True``).
+        dtype: widen to this float dtype on the device (``None``: keep the stored dtype).
+        bf16: the bytes are bfloat16 (widened exactly by a 16-bit shift on the device).
+
+    Returns:
+        A cupy array of ``shape``. Device memory: the tensor in its stored and its wide dtype.
     """
     cupy = cp()
-    host = np.ascontiguousarray(host)
-    flat = host.reshape(-1)
-    dev = cupy.empty(flat.shape, dtype=flat.dtype)
-    if flat.nbytes <= _CHUNK // 4:  # small tensors: one pageable copy is cheaper than staging
-        dev.set(flat)
-        return dev.reshape(host.shape)
-    per = _CHUNK // flat.itemsize
-    views = [b.view(flat.dtype) for b in _staging()]
-    done: list = [None, None]
-    stream = cupy.cuda.get_current_stream()
-    with _STAGING_LOCK:  # one process-wide pair of buffers
-        for n, start in enumerate(range(0, flat.size, per)):
-            b = n % 2
-            if done[b] is not None:
-                done[b].synchronize()  # the DMA out of this buffer has finished
-            part = flat[start : start + per]
-            views[b][: part.size] = part
-            dev[start : start + part.size].set(views[b][: part.size], stream=stream)
-            done[b] = stream.record()
-        stream.synchronize()  # the staging buffers are reused by the next call
-    return dev.reshape(host.shape)
+    stored = np.dtype(stored)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * stored.itemsize
+    dev = cupy.empty(nbytes, dtype=cupy.uint8)
+    if nbytes <= _CHUNK // 4:  # small tensors: one pageable copy is cheaper than staging
+        buf = np.empty(nbytes, np.uint8)
+        read(0, buf)
+        dev.set(buf)
+    else:
+        done: list = [None, None]
+        stream = cupy.cuda.get_current_stream()
+        staging = _staging()
+        with _STAGING_LOCK:  # one process-wide pair of buffers
+            try:
+                for n, start in enumerate(range(0, nbytes, _CHUNK)):
+                    b = n % 2
+                    if done[b] is not None:
+                        done[b].synchronize()  # the DMA out of this buffer has finished
+                    size = min(_CHUNK, nbytes - start)
+                    read(start, staging[b][:size])
+                    dev[start : start + size].set(staging[b][:size], stream=stream)
+                    done[b] = stream.record()
+            finally:
+                stream.synchronize()  # the staging buffers are reused by the next call
+    out = dev.view(stored).reshape(shape)
+    if bf16:
+        out = _widen_bf16_kernel()(out)
+    return out if dtype is None else out.astype(dtype, copy=False)
 
 
 @functools.cache
@@ -190,10 +233,8 @@ def upload(host: np.ndarray, dtype: str = "float32", bf16: bool = False) -> Arra
     (numpy has no bfloat16; :meth:`surgery.checkpoint.Checkpoint.array` returns them so). Widening
     is exact, so the values equal the host path's ``ops.backend.bf16_to_f32`` / ``astype``.
     """
-    dev = _upload(host)
-    if bf16:
-        dev = _widen_bf16_kernel()(dev)
-    return dev.astype(dtype, copy=False)
+    read, host = _host_reader(host)
+    return upload_from(read, host.shape, host.dtype, dtype, bf16)
 
 
 def download(x: Array, dtype: str) -> np.ndarray:

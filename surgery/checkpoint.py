@@ -17,10 +17,12 @@ GPT-2 style ``Conv1D`` weights are stored ``(in, out)``; this view presents them
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -402,6 +404,27 @@ class Checkpoint:
             got = f.readinto(buf) if info.nbytes else 0
         if got != info.nbytes:
             raise SurgeryError(f"{info.file}: unexpected end of file in tensor {info.name!r}")
+
+    @contextlib.contextmanager
+    def byte_reader(self, name: str) -> Iterator[Callable[[int, Any], None]]:
+        """A ``read(offset, buf)`` filling ``buf`` with the tensor's stored bytes from ``offset``.
+
+        For streaming a tensor straight into pinned staging buffers (the GPU load path): no host
+        copy of the whole tensor. The file stays open for the ``with`` block.
+        """
+        info = self.info(name)
+        start = self._data_start(info.file) + info.offsets[0]
+        with open(info.file, "rb") as f:
+
+            def read(offset: int, buf: Any) -> None:
+                n = memoryview(buf).nbytes
+                if offset < 0 or offset + n > info.nbytes:
+                    raise SurgeryError(f"internal: read past the end of tensor {name!r}")
+                f.seek(start + offset)
+                if n and f.readinto(buf) != n:
+                    raise SurgeryError(f"{info.file}: unexpected end of file in tensor {name!r}")
+
+            yield read
 
     def array(self, name: str) -> np.ndarray:
         """Load one tensor as a numpy array of its stored bytes, Conv1D weights as ``(out, in)``.
