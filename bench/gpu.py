@@ -5,7 +5,7 @@ torch on the same GPU (the obvious torch implementation), and with numpy on the 
 fraction of the GPU's peak FLOP/s (SVD, CorDA, covariance) or bandwidth (merges, transfers)
 that the CuPy path reaches (peaks from PERFORMANCE.md §0/§6, picked from the device name).
 
-Operations (``--ops``, comma-separated; default all but ``pissa7b``):
+Operations (``--ops``, comma-separated; default all but ``pissa7b`` and ``merge_cli``):
 
 * ``svd4096`` / ``svd11008``: full thin SVD, 4096² and 11008×4096 fp32. CuPy rows:
   ``ops.linalg.svd`` (gated fp64 Gram route, ops/cuda.py) and ``cupy.linalg.svd`` (gesvd); torch:
@@ -21,6 +21,9 @@ Operations (``--ops``, comma-separated; default all but ``pissa7b``):
   ``cupy.asarray``, torch ``.cuda()`` and pinned ``non_blocking``; fraction of one pinned memcpy.
 * ``merge_io``: TIES of 3 bf16 fine-tunes of an 11008×4096 tensor *from host memory* (upload,
   widen, merge, narrow, download), against the PCIe floor (bytes / pinned memcpy bandwidth).
+* ``merge_cli``: ``surgery merge -m ties`` end to end (CLI subprocess) over a base and 3 dense
+  fine-tunes of ``--layers / 8`` 7B-shaped layers (≈1 B parameters each at the default 32), files
+  in the page cache, ``--device gpu`` vs ``cpu``, against the PCIe floor of its bytes.
 * ``pissa7b``: ``surgery decompose -m pissa -r 128`` end to end (CLI subprocess, I/O included) on a
   synthetic LLaMA-2-7B-shaped bf16 checkpoint (224 matrices), ``--device gpu`` vs ``cpu``.
 
@@ -34,6 +37,7 @@ Usage::
     python bench/gpu.py                       # full sizes (on an H100: a few minutes)
     python bench/gpu.py --scale 0.125 --ops svd4096,ties,cov
     python bench/gpu.py --ops pissa7b         # the 7B end-to-end target (< 60 s on an H100)
+    python bench/gpu.py --ops merge_cli       # merges at >= 70 % of the PCIe floor
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ALL_OPS = ["svd4096", "svd11008", "rsvd128", "corda", "ties", "pcb", "cov", "h2d", "merge_io"]
-EXTRA_OPS = ["pissa7b"]
+EXTRA_OPS = ["pissa7b", "merge_cli"]
 
 # PERFORMANCE.md §0/§6 [R]: dense peaks (FLOP/s) and memory/PCIe bandwidth (B/s).
 PEAKS = {
@@ -558,6 +562,46 @@ def op_pissa7b(env: Env, s: float, work: Path, layers: int) -> dict[str, Any]:
     return row
 
 
+def op_merge_cli(env: Env, s: float, work: Path, layers: int) -> dict[str, Any]:
+    """``surgery merge -m ties`` end to end (CLI, files in the page cache) over 3 fine-tunes."""
+    from surgery import demo
+
+    hidden, inter, _ = dims(s)
+    base = _synthetic_7b(work / f"merge_base_s{s}_l{layers}", hidden, inter, layers,
+                         max(256, round(32000 * s)))  # fmt: skip
+    fts = [base.parent / f"{base.name}_ft{i}" for i in range(3)]
+    for i, f in enumerate(fts):
+        if not (f / "config.json").is_file():
+            demo.finetune(base, f, seed=i + 1, shards=max(1, layers // 4))
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    row: dict[str, Any] = {"size": f"3x{size / 2**30:.2f} GiB bf16", "work": 5 * size,
+                           "unit": "byte", "peak": "pcie"}  # fmt: skip
+    for d in (base, *fts):  # warm the page cache: the floor below is PCIe, not the disk
+        for p in d.glob("*.safetensors"):
+            p.read_bytes()
+
+    def run(dev: str) -> float:
+        out = work / f"merge_{dev}"
+        cmd = [sys.executable, "-m", "cli", "merge", *map(str, fts), "--base", str(base),
+               "-m", "ties", "-p", "density=0.2", "-o", str(out), "--force", "--device", dev,
+               "-q"]  # fmt: skip
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr.strip().splitlines()[-1] if p.stderr else "failed")
+        return time.perf_counter() - t0
+
+    row["cpu"] = _try(lambda: run("cpu"))
+    if env.cupy is not None:
+        h2d, d2h = _pinned_floor(env, 1 << 30)
+        floor = 4 * size / h2d + size / d2h  # base + 3 models up, the merge down
+        row["pcie_floor_s"] = floor
+        row["cupy"] = _try(lambda: run("gpu"))
+        if isinstance(row["cupy"], float):
+            row["frac_of_pcie_floor"] = floor / row["cupy"]
+    return row
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -613,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         "h2d": lambda: op_h2d(env, max(1 << 20, int((1 << 30) * a.scale**2))),
         "merge_io": lambda: op_merge_io(env, inter, hidden),
         "pissa7b": lambda: op_pissa7b(env, a.scale, a.work, a.layers),
+        "merge_cli": lambda: op_merge_cli(env, a.scale, a.work, max(1, a.layers // 8)),
     }
     print(f"GPU: {env.name} (cupy: {'yes' if env.cupy else 'no'}, torch cuda: {env.torch_cuda});"
           f" scale {a.scale}; CPU threads {os.cpu_count()}")  # fmt: skip
