@@ -8,7 +8,10 @@ Layout of a stats file (readable with plain ``safetensors``):
 * ``<module>.tokens``   ``[1]`` I64: tokens that reached the module.
 * other ``<module>.<key>`` tensors (e.g. ``direction`` for probe edits) are kept as they are.
 * metadata (all strings): ``fingerprint`` (hex), ``convention`` (``max`` — the official/PEFT
-  per-sample normalisation — or ``none``: token-weighted), ``options`` (JSON), ``format=pt``.
+  per-sample normalisation — or ``none``: token-weighted), ``options`` (JSON), ``format=pt``,
+  and ``cov_alias`` (JSON ``{module: root}``, optional): modules fed the very same input tensor
+  as ``root`` (``k_proj``/``v_proj`` → ``q_proj``, ``up_proj`` → ``gate_proj``) have no ``.cov``
+  of their own; their covariance is the root's, stored once. :class:`Stats` resolves it.
 
 Tensors are read lazily, one module at a time; writing goes through a temporary file and an atomic
 rename, so a crashed run never leaves a half-written stats file behind.
@@ -57,6 +60,12 @@ class Stats:
         self._shapes = shapes
         self._handle: Any = None
         self._reader: Any = None  # a Checkpoint on the same file, for numpy reads
+        try:
+            alias = json.loads(meta.get("cov_alias", "{}"))
+        except ValueError:
+            raise SurgeryError(f"{path}: its cov_alias metadata is not JSON") from None
+        # module → root, for covariances stored once for modules fed the same input
+        self._alias = {str(m): str(r) for m, r in alias.items() if f"{r}.cov" in shapes}
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Stats:
@@ -105,16 +114,32 @@ class Stats:
         """All tensor names in the file."""
         return list(self._names)
 
+    def _key(self, module: str, key: str) -> str:
+        """The tensor holding ``<module>.<key>`` (a shared covariance: its root's)."""
+        name = f"{module}.{key}"
+        if key == "cov" and name not in self._shapes and module in self._alias:
+            return f"{self._alias[module]}.cov"
+        return name
+
     def modules(self, key: str = "cov") -> list[str]:
-        """Modules that have a ``<module>.<key>`` tensor, in file order."""
-        return [_split(n)[0] for n in self._names if _split(n)[1] == key]
+        """Modules that have a ``<module>.<key>`` tensor (or share one), in file order."""
+        out = []
+        for n in self._names:
+            mod, k = _split(n)
+            if k == key or (key == "cov" and k == "samples" and mod in self._alias):
+                out.append(mod)
+        return out
+
+    def shared(self, module: str) -> str | None:
+        """The module whose stored covariance ``module`` shares (``None``: its own, or none)."""
+        return self._alias.get(module) if f"{module}.cov" not in self._shapes else None
 
     def has(self, module: str, key: str = "cov") -> bool:
-        return f"{module}.{key}" in self._shapes
+        return self._key(module, key) in self._shapes
 
     def shape(self, module: str, key: str = "cov") -> tuple[int, ...]:
         try:
-            return self._shapes[f"{module}.{key}"]
+            return self._shapes[self._key(module, key)]
         except KeyError:
             raise self._missing(module, key) from None
 
@@ -127,7 +152,7 @@ class Stats:
     # -- data -------------------------------------------------------------------------------------
     def get(self, module: str, key: str = "cov") -> torch.Tensor:
         """Load ``<module>.<key>`` (stored dtype, CPU)."""
-        name = f"{module}.{key}"
+        name = self._key(module, key)
         if name not in self._shapes:
             raise self._missing(module, key)
         if self._handle is None:
@@ -147,7 +172,7 @@ class Stats:
 
         from .checkpoint import Checkpoint
 
-        name = f"{module}.cov"
+        name = self._key(module, "cov")
         if name not in self._shapes:
             raise self._missing(module, "cov")
         if self._reader is None:

@@ -738,3 +738,45 @@ def test_grouped_calibration_holds_one_group_in_memory(tmp_path):
     a, g = Stats.open(tmp_path / "a.safetensors"), Stats.open(tmp_path / "g.safetensors")
     for m in a.modules():
         assert torch.equal(a.cov(m), g.cov(m)), m
+
+
+def test_modules_fed_the_same_input_share_one_covariance(llama, data, tmp_path, caplog):
+    """q/k/v and gate/up get the very same input tensor: one accumulator and one stored
+    covariance per set (``cov_alias``), equal to what separate accumulators give."""
+    from surgery.checkpoint import read_header
+
+    out = calibrate(llama, data, out=tmp_path / "s.safetensors", cache_dir=False)
+    st = Stats.open(out)
+    meta, infos = read_header(out)
+    alias = json.loads(meta["cov_alias"])
+    want = {}
+    for li in range(2):
+        a, m = f"model.layers.{li}.self_attn.", f"model.layers.{li}.mlp."
+        want.update({a + "k_proj": a + "q_proj", a + "v_proj": a + "q_proj",
+                     m + "up_proj": m + "gate_proj"})  # fmt: skip
+    assert alias == want
+    assert not any(f"{k}.cov" in infos for k in alias)  # stored once
+    ref = capture(llama, token_ids(llama, data), "LlamaForCausalLM")
+    assert sorted(st.modules()) == sorted(m for m in ref if m != "lm_head")
+    for k, root in alias.items():
+        assert st.shared(k) == root and st.shared(root) is None
+        assert st.has(k) and st.shape(k) == st.shape(root)
+        assert torch.equal(st.cov(k), st.cov(root))
+        assert np.array_equal(st.cov_array(k), st.cov_array(root))
+        assert rel(st.cov(k), reference_cov(ref[k])) < 1e-5, k  # k's own inputs, by hand
+        assert st.count(k, "tokens") == st.count(root, "tokens") > 0
+    # A budget of one 48×48 covariance: the plan (no forward yet) counts q, k, v apart, the run
+    # groups each set with its root, so fewer passes give the same covariances.
+    budget = 48 * 48 * 4 + 10
+    plan = plan_calibration(llama, data, max_memory=budget)
+    seen = set()
+    grouped = Stats.open(calibrate(llama, data, out=tmp_path / "g.safetensors", cache_dir=False,
+                                   plan=plan, progress=lambda p: seen.add(p.groups)))  # fmt: skip
+    assert len(plan.groups) == 8 and seen and max(seen) < 8
+    for m in st.modules():
+        assert torch.allclose(grouped.cov(m), st.cov(m), rtol=1e-6, atol=0), m
+    # GPT-2's fused c_attn and its MLP share nothing: no alias metadata.
+    g = demo.tiny_gpt2(tmp_path / "g2")
+    make_tokenizer(g)
+    meta, _ = read_header(calibrate(g, data, out=tmp_path / "g2.safetensors", cache_dir=False))
+    assert "cov_alias" not in meta
