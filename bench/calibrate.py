@@ -20,21 +20,21 @@ version read it after those arrays, three modes' worth for surgery, and blamed s
 Errors are relative Frobenius norms ``‖X − X_ref‖ / ‖W‖`` of ``W_res`` and ``s·B@A``, max over
 modules.
 
-Measured 2026-11-23 on the idle 2-core dev box (15.8M-parameter fp32 Llama, 64 samples of 128-256
-tokens, rank 16, 2 torch threads):
+Measured 2026-11-23 on the 2-core dev box (15.8M-parameter fp32 Llama, 64 samples of 128-256
+tokens, rank 16, 2 torch threads), after q/k/v and gate/up began sharing one covariance:
 
 ====================================  =========  ========  =========================================
 tool                                  samples/s  peak RSS  error vs float64 (W_res, s·BA)
 ====================================  =========  ========  =========================================
-PEFT preprocess_corda, IPM, batch 1     7.86      690 MiB  6.9e-5, 6.9e-5
-PEFT preprocess_corda, KPM, batch 1     7.52      683 MiB  7.6e-5, 7.6e-5
-surgery, batch 1                        9.96      643 MiB  IPM 4.8e-6, 4.8e-6; KPM 1.4e-6, 1.4e-6
-surgery, batch 8                       15.29      611 MiB  IPM 4.9e-6, 4.9e-6; KPM 8.9e-7, 8.9e-7
+PEFT preprocess_corda, IPM, batch 1     6.58      695 MiB  6.9e-5, 6.9e-5
+PEFT preprocess_corda, KPM, batch 1     5.69      679 MiB  7.6e-5, 7.6e-5
+surgery, batch 1                        9.46      563 MiB  IPM 4.8e-6, 4.8e-6; KPM 1.4e-6, 1.4e-6
+surgery, batch 8                       15.08      597 MiB  IPM 4.9e-6, 4.9e-6; KPM 8.9e-7, 8.9e-7
 ====================================  =========  ========  =========================================
 
-surgery: 1.27-1.95× PEFT's throughput at 0.89-0.93× its peak RSS, 14-85× more accurate. The
-randomized-IPM variant (``niter=-1``) is 1.6e-1 off (W·C's flat top spectrum): hence the exact
-default.
+surgery: 1.4-2.3× PEFT's throughput at 0.81-0.86× its peak RSS (before the sharing: 643 MiB at
+batch 1), 14-85× more accurate. The randomized-IPM variant (``niter=-1``) is 1.6e-1 off (W·C's
+flat top spectrum): hence the exact default.
 
 Needs ``pip install attrs`` (PEFT's corda.py imports it). Usage::
 
