@@ -540,6 +540,16 @@ def _synthetic_7b(path: Path, hidden: int, inter: int, layers: int, vocab: int) 
     return demo.save_checkpoint(t, path, cfg, shards=max(1, layers // 4))
 
 
+def _time_cli(*args: str) -> float:
+    """Wall seconds of ``surgery ARGS --force -q`` in a subprocess (start-up and I/O included)."""
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "cli", *args, "--force", "-q"], cwd=ROOT,
+                       capture_output=True, text=True)  # fmt: skip
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr.strip().splitlines()[-1] if p.stderr else "failed")
+    return time.perf_counter() - t0
+
+
 def op_pissa7b(env: Env, s: float, work: Path, layers: int) -> dict[str, Any]:
     hidden, inter, r = dims(s)
     src = _synthetic_7b(work / f"llama7b_s{s}", hidden, inter, layers, max(256, round(32000 * s)))
@@ -547,14 +557,8 @@ def op_pissa7b(env: Env, s: float, work: Path, layers: int) -> dict[str, Any]:
                            "unit": None, "peak": None}  # fmt: skip
 
     def run(dev: str) -> float:
-        out = work / f"pissa_{dev}"
-        cmd = [sys.executable, "-m", "cli", "decompose", str(src), "-m", "pissa", "-r", str(r),
-               "-o", str(out), "--force", "--device", dev, "-q"]  # fmt: skip
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(p.stderr.strip().splitlines()[-1] if p.stderr else "failed")
-        return time.perf_counter() - t0
+        return _time_cli("decompose", str(src), "-m", "pissa", "-r", str(r), "-o",
+                         str(work / f"pissa_{dev}"), "--device", dev)  # fmt: skip
 
     row["cpu"] = _try(lambda: run("cpu"))
     if env.cupy is not None:
@@ -581,15 +585,9 @@ def op_merge_cli(env: Env, s: float, work: Path, layers: int) -> dict[str, Any]:
             p.read_bytes()
 
     def run(dev: str) -> float:
-        out = work / f"merge_{dev}"
-        cmd = [sys.executable, "-m", "cli", "merge", *map(str, fts), "--base", str(base),
-               "-m", "ties", "-p", "density=0.2", "-o", str(out), "--force", "--device", dev,
-               "-q"]  # fmt: skip
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(p.stderr.strip().splitlines()[-1] if p.stderr else "failed")
-        return time.perf_counter() - t0
+        out = str(work / f"merge_{dev}")
+        return _time_cli("merge", *map(str, fts), "--base", str(base), "-m", "ties", "-p",
+                         "density=0.2", "-o", out, "--device", dev)  # fmt: skip
 
     row["cpu"] = _try(lambda: run("cpu"))
     if env.cupy is not None:
