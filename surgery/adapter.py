@@ -319,6 +319,32 @@ def _np32(x: Any) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _np(x: Any, dtype: Any = np.float32) -> np.ndarray:
+    """A numpy array of ``dtype`` from a numpy, cupy or torch array (no copy when it already is)."""
+    kind = type(x).__module__.split(".")[0]
+    if kind == "torch":
+        x = x.detach().cpu()
+        wide = x.dtype.is_floating_point and x.element_size() >= 4  # numpy has no bf16
+        x = x.numpy() if wide else x.float().numpy()
+    elif kind == "cupy":
+        x = x.get()
+    return np.asarray(x, dtype=dtype)
+
+
+_NP_FLOATS = {"torch.float32": np.float32, "torch.float64": np.float64}
+
+
+def _np_dtype(dtype: Any) -> Any:
+    """numpy float dtype for a torch or numpy dtype (``None``: float32)."""
+    if dtype is None:
+        return np.float32
+    if str(dtype) in _NP_FLOATS:
+        return _NP_FLOATS[str(dtype)]
+    if str(dtype).startswith("torch."):
+        raise SurgeryError(f"adapter updates are computed in float32 or float64, not {dtype}")
+    return np.dtype(dtype).type
+
+
 def _torch(x: Any) -> torch.Tensor:
     import numpy as np
     import torch
@@ -390,40 +416,34 @@ class Adapter:
         return f"{module}.weight"
 
     # -- effective updates ----------------------------------------------------------------------
-    def delta(
-        self, module: str, dtype: torch.dtype | None = None, *, stored: bool = False
-    ) -> torch.Tensor:
-        """Return the module's additive update ``ΔW`` ``(out, in)`` as PEFT computes it (fp32).
+    def delta_array(self, module: str, dtype: Any = np.float32, *, stored: bool = False):
+        """Return the module's additive update ``ΔW`` ``(out, in)`` as PEFT computes it (numpy).
 
         Plain / rsLoRA / patterns: ``s·B A``; KaSA: ``s·(B ⊙ d) A``; AdaLoRA: ``s·B (A ⊙ E)`` with
         ``s = α/(init_r + 1e-5)``; embeddings: ``s·(B_e A_e)ᵀ`` (already folded into the weight
         orientation). KaSA's base truncation and DoRA's renormalisation depend on the base weight:
-        use :meth:`merge_weight` for those.
+        use :meth:`merge_weight_array` for those.
 
         Args:
             module: module name.
-            dtype: compute dtype (default float32; float64 for references).
+            dtype: compute dtype (float32 default; float64 for references).
             stored: return PEFT's ``transpose(ΔW, fan_in_fan_out)`` layout ``(in, out)`` when the
                 config sets ``fan_in_fan_out`` (GPT-2 ``Conv1D``; embeddings are never transposed).
         """
-        import torch
-
-        dtype = dtype or torch.float32
+        dt = _np_dtype(dtype)
         lr = self.modules[module]
-        a = _torch(lr.A).to(dtype)  # (r, in)
-        b = _torch(lr.B).to(dtype)  # (out, r)
+        a = _np(lr.A, dt)  # (r, in)
+        b = _np(lr.B, dt)  # (out, r)
         if module in self.diag:
-            b = b * _torch(self.diag[module]).to(dtype).reshape(1, -1)
+            b = b * _np(self.diag[module], dt).reshape(1, -1)
         if module in self.E:
-            a = a * _torch(self.E[module]).to(dtype).reshape(-1, 1)
-        d = (b @ a) * lr.scale  # (out, in)
+            a = a * _np(self.E[module], dt).reshape(-1, 1)
+        d = (b @ a) * dt(lr.scale)  # (out, in)
         if stored and self.config.get("fan_in_fan_out") and module not in self.embeddings:
-            d = d.T.contiguous()
+            d = np.ascontiguousarray(d.T)
         return d
 
-    def merge_weight(
-        self, module: str, w: torch.Tensor, dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
+    def merge_weight_array(self, module: str, w: Any, dtype: Any = np.float32) -> np.ndarray:
         """Return what PEFT's ``merge_and_unload`` makes of the base weight ``w`` ``(out, in)``.
 
         ``W + ΔW`` for plain LoRA, rsLoRA, AdaLoRA and embeddings; KaSA first drops the ``r``
@@ -432,32 +452,53 @@ class Adapter:
 
         Args:
             module: module name.
-            w: the base weight in ``(out, in)`` orientation (any float dtype).
+            w: the base weight in ``(out, in)`` orientation (numpy or torch, any float dtype).
             dtype: compute/return dtype (default float32).
         """
-        import torch
-
-        dtype = dtype or torch.float32
-        w = w.to(dtype)
+        dt = _np_dtype(dtype)
+        w = _np(w, dt)
         if self.weight_name(module) in self.full:
-            w = _torch(self.full[self.weight_name(module)]).to(dtype)
+            w = _np(self.full[self.weight_name(module)], dt)
         kasa = self.config.get("kasa_config") and module not in self.embeddings
         if module in self.diag or kasa:
-            w = kasa_truncate(w, self.rank(module)).to(dtype)
-        out = w + self.delta(module, dtype)
+            w = kasa_truncate_array(w, self.rank(module)).astype(dt)
+        out = w + self.delta_array(module, dt)
         if module in self.magnitude:
             # DoRA (PEFT dora.py): W' = m / ||W + s·BA||_row · (W + s·BA), norms over `in`.
-            norm = torch.linalg.norm(out, dim=1)
-            out = out * (_torch(self.magnitude[module]).to(dtype) / norm).reshape(-1, 1)
+            norm = np.linalg.norm(out, axis=1)
+            out = out * (_np(self.magnitude[module], dt) / norm).reshape(-1, 1)
         return out
 
-    def bias_delta(self, module: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    def bias_delta_array(self, module: str, dtype: Any = np.float32) -> np.ndarray | None:
         """Return the bias update ``s·lora_B.bias`` ``(out,)`` (``lora_bias``), or ``None``."""
-        import torch
-
         if module not in self.bias:
             return None
-        return _torch(self.bias[module]).to(dtype or torch.float32) * self.modules[module].scale
+        dt = _np_dtype(dtype)
+        return _np(self.bias[module], dt) * dt(self.modules[module].scale)
+
+    # torch views of the same (for callers holding torch tensors; the verbs use the arrays)
+    def delta(
+        self, module: str, dtype: torch.dtype | None = None, *, stored: bool = False
+    ) -> torch.Tensor:
+        """:meth:`delta_array` as a CPU torch tensor (``dtype``: torch.float32 or float64)."""
+        import torch
+
+        return torch.from_numpy(self.delta_array(module, dtype, stored=stored))
+
+    def merge_weight(
+        self, module: str, w: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """:meth:`merge_weight_array` as a CPU torch tensor."""
+        import torch
+
+        return torch.from_numpy(self.merge_weight_array(module, w, dtype))
+
+    def bias_delta(self, module: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """:meth:`bias_delta_array` as a CPU torch tensor, or ``None``."""
+        import torch
+
+        d = self.bias_delta_array(module, dtype)
+        return None if d is None else torch.from_numpy(d)
 
     def fold(self) -> Adapter:
         """Return a plain LoRA with the same updates: KaSA ``diag`` folded into ``A``, AdaLoRA
@@ -467,8 +508,6 @@ class Adapter:
         base (``surgery convert`` makes that explicit). DoRA cannot be folded (its update depends on
         ``W``) and raises.
         """
-        import torch
-
         if self.magnitude:
             raise SurgeryError(
                 "a DoRA adapter has no plain-LoRA equivalent independent of the base weights; "
@@ -476,15 +515,15 @@ class Adapter:
             )
         mods: dict[str, LowRank] = {}
         for m, lr in self.modules.items():
-            a, b = _torch(lr.A).float(), _torch(lr.B).float()
+            a, b = _np(lr.A), _np(lr.B)
             if m in self.diag:
-                a = _torch(self.diag[m]).float().reshape(-1, 1) * a
+                a = _np(self.diag[m]).reshape(-1, 1) * a
             if m in self.E:
-                e = _torch(self.E[m]).float().reshape(-1)
-                keep = torch.nonzero(e != 0).reshape(-1)
+                e = _np(self.E[m]).reshape(-1)
+                keep = np.flatnonzero(e != 0)
                 a = (a * e.reshape(-1, 1))[keep]
                 b = b[:, keep]
-            mods[m] = LowRank(A=a.contiguous(), B=b.contiguous(), scale=lr.scale)
+            mods[m] = LowRank(A=np.ascontiguousarray(a), B=np.ascontiguousarray(b), scale=lr.scale)
         cfg = {k: v for k, v in self.config.items() if k in _KEPT_KEYS and k != "kasa_config"}
         if self.peft_type == "ADALORA":
             cfg.pop("target_modules", None)  # AdaLoRA may drop whole modules (rank 0)
@@ -506,9 +545,6 @@ class Adapter:
             SurgeryError: pickles, unknown adapter types, and every key/config inconsistency PEFT
                 would silently ignore, in one message.
         """
-        import torch
-        from safetensors.torch import load_file
-
         root = find_adapter_dir(path)
         try:
             config = json.loads((root / ADAPTER_CONFIG).read_text())
@@ -516,9 +552,8 @@ class Adapter:
             raise SurgeryError(f"{root / ADAPTER_CONFIG}: invalid JSON ({e})") from None
         if not isinstance(config, dict):
             raise SurgeryError(f"{root / ADAPTER_CONFIG}: expected a JSON object")
-        read_header(root / ADAPTER_WEIGHTS)  # clear errors for truncated/corrupt files
-        tensors = load_file(str(root / ADAPTER_WEIGHTS))
         problems: list[str] = []
+        tensors = _read_tensors(root / ADAPTER_WEIGHTS, problems)
         ptype = str(config.get("peft_type", "")).upper()
         if not ptype:
             problems.append(
@@ -530,11 +565,6 @@ class Adapter:
                 "LORA (incl. rsLoRA, DoRA, KaSA, embedding LoRAs) and ADALORA adapters"
             )
         parsed = _parse_keys(tensors, config, problems)
-        for k, t in tensors.items():
-            if not t.is_floating_point():
-                problems.append(f"{k}: dtype {t.dtype} is not a float type")
-            elif not bool(torch.isfinite(t).all()):
-                problems.append(f"{k}: contains NaN or Inf values")
         adapter = _build(parsed, config, problems)
         _raise(problems, f"adapter {root}")
         adapter.path = root
@@ -711,18 +741,52 @@ class Adapter:
 
 
 # -- helpers: base checks, targets ----------------------------------------------------------------
-def kasa_truncate(w: torch.Tensor, r: int) -> torch.Tensor:
-    """Drop the ``r`` smallest singular components of ``w`` (PEFT's KaSA rule, float64 SVD)."""
-    import torch
+def kasa_truncate_array(w: Any, r: int) -> np.ndarray:
+    """Drop the ``r`` smallest singular components of ``w`` (PEFT's KaSA rule, float64 SVD).
 
+    Returns the float64 ``(out, in)`` numpy array ``U_k Σ_k V_kᵀ`` with ``k = min(out, in) − r``.
+    """
     from ops.linalg import svd
 
     k = min(w.shape)
     if r >= k:
         raise SurgeryError(f"KaSA rank {r} must be < min(out, in) = {k}")
-    u, s, vh = svd(w.detach().to(torch.float64).cpu().numpy())
+    u, s, vh = svd(_np(w, np.float64))
     keep = k - r
-    return torch.from_numpy((u[:, :keep] * s[:keep]) @ vh[:keep])
+    return (u[:, :keep] * s[:keep]) @ vh[:keep]
+
+
+def kasa_truncate(w: torch.Tensor, r: int) -> torch.Tensor:
+    """:func:`kasa_truncate_array` of a torch tensor, as a float64 CPU torch tensor."""
+    import torch
+
+    return torch.from_numpy(kasa_truncate_array(w, r))
+
+
+def _read_tensors(path: Path, problems: list[str]) -> dict[str, np.ndarray]:
+    """An adapter file's tensors as float numpy arrays (bf16/fp16 widened exactly to float32).
+
+    Read without torch (about 1.5 s of import saved for apply/port/convert). Non-float dtypes and
+    NaN/Inf values go to ``problems``.
+    """
+    from ops.backend import bf16_to_f32
+
+    from .checkpoint import Checkpoint
+
+    read_header(path)  # clear errors for truncated/corrupt files
+    ck = Checkpoint.open(path)
+    out: dict[str, np.ndarray] = {}
+    for k in ck.names():
+        dt = ck.dtype(k)
+        if dt not in ("F16", "BF16", "F32", "F64"):
+            problems.append(f"{k}: dtype {dt} is not a float type")
+            continue
+        a = ck.array(k, oriented=False)  # the stored layout: adapter keys are never Conv1D
+        a = bf16_to_f32(a) if dt == "BF16" else (a.astype(np.float32) if dt == "F16" else a)
+        if not np.isfinite(a).all():
+            problems.append(f"{k}: contains NaN or Inf values")
+        out[k] = a
+    return out
 
 
 def _pattern(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
@@ -1026,7 +1090,9 @@ def _build(
             continue
         if is_emb:
             emb.add(m)
-            mods[m] = LowRank(A=tb.T.contiguous(), B=ta.T.contiguous(), scale=scale)
+            mods[m] = LowRank(
+                A=np.ascontiguousarray(tb.T), B=np.ascontiguousarray(ta.T), scale=scale
+            )
         else:
             mods[m] = LowRank(A=ta, B=tb, scale=scale)
     if lbias and not extras["bias"] and mods:

@@ -426,8 +426,9 @@ class Checkpoint:
 
             yield read
 
-    def array(self, name: str) -> np.ndarray:
-        """Load one tensor as a numpy array of its stored bytes, Conv1D weights as ``(out, in)``.
+    def array(self, name: str, oriented: bool = True) -> np.ndarray:
+        """Load one tensor as a numpy array of its stored bytes, Conv1D weights as ``(out, in)``
+        (in their stored ``(in, out)`` with ``oriented=False``).
 
         BF16 comes back as uint16 bit patterns (numpy has no bfloat16; widen with
         ``ops.backend.bf16_to_f32``). This path never imports torch, which saves the ~1.5 s import
@@ -447,7 +448,7 @@ class Checkpoint:
             )
         arr = np.empty(info.shape, dtype=npdt)
         self._read_into(info, arr.reshape(-1).view(np.uint8))
-        return np.ascontiguousarray(arr.T) if self.is_conv1d(name) else arr
+        return np.ascontiguousarray(arr.T) if oriented and self.is_conv1d(name) else arr
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor in its stored dtype, Conv1D weights transposed to ``(out, in)``."""

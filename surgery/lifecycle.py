@@ -43,10 +43,20 @@ from .adapter import (
     is_hub_id,
     resolve_weight,
 )
-from .checkpoint import COMPUTABLE_DTYPES, Checkpoint, torch_dtype
+from .checkpoint import COMPUTABLE_DTYPES, Checkpoint
 from .errors import SurgeryError
 from .manifest import Manifest, hub_id_of
-from .run import Plan, RunOptions, TensorResult, execute, out_dtype_name, resolve_device
+from .run import (
+    Plan,
+    RunOptions,
+    TensorResult,
+    execute,
+    load,
+    narrow,
+    out_dtype_name,
+    resolve_device,
+    store,
+)
 from .targets import is_embedding, is_head, module_of, select
 
 __all__ = [
@@ -165,39 +175,40 @@ def _rel(num: float, den: float) -> float:
     return float(num / den) if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
-def _tensor_of(ad: Adapter, module: str, rows: int | None = None):
-    """The adapter's ΔW ``(out, in)`` fp32 for ``module`` (zero rows appended up to ``rows``)."""
-    import torch
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """``x (n, k)`` with zero rows appended up to ``rows`` (a grown vocabulary)."""
+    if rows <= x.shape[0]:
+        return x
+    return np.concatenate([x, np.zeros((rows - x.shape[0], x.shape[1]), x.dtype)])
 
-    d = ad.delta(module, torch.float32)
-    if rows is not None and rows > d.shape[0]:
-        d = torch.cat([d, d.new_zeros(rows - d.shape[0], d.shape[1])])
-    return d
+
+def _tensor_of(ad: Adapter, module: str, rows: int | None = None) -> np.ndarray:
+    """The adapter's ΔW ``(out, in)`` fp32 for ``module`` (zero rows appended up to ``rows``)."""
+    d = ad.delta_array(module, np.float32)
+    return d if rows is None else _pad_rows(d, rows)
 
 
 # -- apply ----------------------------------------------------------------------------------------
 def _apply_task(
     ckpt: Checkpoint, ad: Adapter, roles: dict[str, tuple[str, str]], dtype: str | None, name: str
 ) -> TensorResult:
-    """Fold the adapter into one base tensor (fp32), cast to the output dtype."""
-    import torch
-
+    """Fold the adapter into one base tensor (fp32 numpy), cast to the output dtype."""
     role, module = roles[name]
-    out_dt = torch_dtype(out_dtype_name(dtype, ckpt.dtype(name)))
-    if role == "full":
-        t = torch.as_tensor(ad.full[module]).to(torch.float32)  # module: the adapter's key
-        return TensorResult(name, tensor=t.to(out_dt).contiguous(), report={"action": "replaced"})
-    w = ckpt.get(name).to(torch.float32)  # (out, in) or (out,) for a bias
+    out_dt = out_dtype_name(dtype, ckpt.dtype(name))
+    if role == "full":  # module: the adapter's key; stored layout, as the base's tensor
+        t = np.asarray(ad.full[module], np.float32)
+        return TensorResult(name, tensor=narrow(t, out_dt), report={"action": "replaced"})
+    w = load(ckpt, name)  # (out, in) or (out,) for a bias
     if role == "bias":
-        new = w + ad.bias_delta(module)
+        new = w + ad.bias_delta_array(module)
         rep = {"action": "applied", "module": module, "what": "lora_B.bias"}
     else:
-        new = ad.merge_weight(module, w)
-        dn = float(torch.linalg.norm(new - w))
+        new = ad.merge_weight_array(module, w)
+        dn = float(np.linalg.norm(new - w))
         rep = {"action": "applied", "module": module, "rank": ad.rank(module),
                "scale": ad.modules[module].scale, "delta_norm": dn,
-               "rel_delta": _rel(dn, float(torch.linalg.norm(w)))}  # fmt: skip
-    return TensorResult(name, tensor=ckpt.to_stored(name, new.to(out_dt)).contiguous(), report=rep)
+               "rel_delta": _rel(dn, float(np.linalg.norm(w)))}  # fmt: skip
+    return TensorResult(name, tensor=store(ckpt, name, new, out_dt), report=rep)
 
 
 def _check_modules(ad: Adapter, ckpt: Checkpoint, what: str) -> list[str]:
@@ -290,14 +301,12 @@ def apply(base: str, adapter: str, **options: Any) -> Path | Plan:
 # -- port -----------------------------------------------------------------------------------------
 def _drift(old, new, patch) -> dict[str, float]:
     """``‖new − old‖/‖old‖`` and the cosine between the drift ``new − old`` and the patch."""
-    import torch
-
-    d = (new - old).double()
-    p = patch.double()
+    d = new.astype(np.float64) - old
+    p = patch.astype(np.float64)
     nd, npch, no = (
-        float(torch.linalg.norm(d)),
-        float(torch.linalg.norm(p)),
-        float(torch.linalg.norm(old.double())),
+        float(np.linalg.norm(d)),
+        float(np.linalg.norm(p)),
+        float(np.linalg.norm(old.astype(np.float64))),
     )
     cos = float((d * p).sum()) / (nd * npch) if nd > 0 and npch > 0 else 0.0
     return {"drift": _rel(nd, no), "cos_drift_patch": cos, "patch_norm": npch,
@@ -345,49 +354,32 @@ def _port_task(
 
     ``modmap``: new-base tensor name → (adapter module, old-base tensor name) for adapter inputs.
     """
-    import torch
-
     m, old_name = modmap[name] if modmap is not None else (module_of(name), name)
-    w_new = new.get(name).to(torch.float32)
+    w_new = load(new, name)  # fp32 numpy (out, in)
     report: dict[str, Any] = {"module": m}
     lowrank = None
+    out_dt = out_dtype_name(dtype, new.dtype(name))
     if kind == "adapter" and name.endswith(".bias"):  # lora_bias: b_new + s·lora_B.bias
-        out_dt = torch_dtype(out_dtype_name(dtype, new.dtype(name)))
-        new_b = (w_new + src.bias_delta(m)).to(out_dt)
+        new_b = narrow(w_new + src.bias_delta_array(m), out_dt)
         return TensorResult(name, tensor=new_b, report={"module": m, "action": "ported bias"})
     if kind == "adapter":
         patch = _tensor_of(src, m, rows=w_new.shape[0])  # zero rows for a grown vocabulary
         report["rank"] = src.rank(m)
     else:
-        tuned = src.get(name).to(torch.float32)
-        base_old = old.get(name).to(torch.float32)
-        dense = (tuned - base_old).numpy()
+        dense = load(src, name) - load(old, name)
         if rank is None and energy is None:
-            patch = torch.from_numpy(dense)  # --merge without -r: the exact dense patch
+            patch = dense  # --merge without -r: the exact dense patch
             report["rank"] = "dense"
         else:
             lowrank, err = _extract(dense, rank, energy, seed, name)
-            patch = torch.from_numpy(lowrank.delta())
+            patch = lowrank.delta()
             report.update(rank=lowrank.rank, extract_rel_error=err)
         if patch.shape[0] < w_new.shape[0]:
-            patch = torch.cat(
-                [patch, patch.new_zeros(w_new.shape[0] - patch.shape[0], patch.shape[1])]
-            )
+            patch = _pad_rows(patch, w_new.shape[0])
             if lowrank is not None:
-                lowrank = LowRank(
-                    A=lowrank.A,
-                    B=np.concatenate(
-                        [
-                            lowrank.B,
-                            np.zeros(
-                                (w_new.shape[0] - lowrank.B.shape[0], lowrank.rank), np.float32
-                            ),
-                        ]
-                    ),
-                    scale=1.0,
-                )
+                lowrank = LowRank(A=lowrank.A, B=_pad_rows(lowrank.B, w_new.shape[0]), scale=1.0)
     if old is not None:
-        w_old = old.get(old_name).to(torch.float32)
+        w_old = load(old, old_name)
         if w_old.shape != w_new.shape:  # grown vocabulary: compare the shared rows
             rows = min(w_old.shape[0], w_new.shape[0])
             report.update(_drift(w_old[:rows], w_new[:rows], patch[:rows]))
@@ -395,8 +387,7 @@ def _port_task(
             report.update(_drift(w_old, w_new, patch))
     tensor = None
     if merge:
-        out_dt = torch_dtype(out_dtype_name(dtype, new.dtype(name)))
-        tensor = new.to_stored(name, (w_new + patch).to(out_dt)).contiguous()
+        tensor = store(new, name, w_new + patch, out_dt)
         report["action"] = "ported"
     return TensorResult(name, tensor=tensor, lowrank=lowrank, report=report)
 
@@ -642,11 +633,7 @@ def _finish_port(
         mods = {}
         for m, lr in ad.modules.items():
             if m in pads:  # weight orientation: B's rows are the vocabulary for embeddings too
-                import torch
-
-                b = torch.as_tensor(lr.B)
-                b = torch.cat([b, b.new_zeros(pads[m] - b.shape[0], b.shape[1])])
-                mods[m] = LowRank(A=lr.A, B=b, scale=lr.scale)
+                mods[m] = LowRank(A=lr.A, B=_pad_rows(np.asarray(lr.B), pads[m]), scale=lr.scale)
             else:
                 mods[m] = lr
         keep = {k: v for k, v in ad.config.items() if k in ("task_type", "use_rslora")}
@@ -673,7 +660,7 @@ def servable_problems(folder: str | Path) -> list[str]:
     Returns:
         Problems that break a serving engine (empty when the adapter is servable everywhere).
     """
-    from safetensors import safe_open
+    from .checkpoint import read_header
 
     p = find_adapter_dir(folder)
     cfg = json.loads((p / ADAPTER_CONFIG).read_text())
@@ -697,14 +684,14 @@ def servable_problems(folder: str | Path) -> list[str]:
     name = cfg.get("base_model_name_or_path")
     if name is not None and not is_hub_id(name):
         out.append(f"base_model_name_or_path {name!r} is not a Hub id")
-    with safe_open(str(p / ADAPTER_WEIGHTS), "pt") as f:
-        bad = [
-            k
-            for k in f.keys()
-            if not k.endswith(
-                (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
-            )
-        ]
+    _, infos = read_header(p / ADAPTER_WEIGHTS)  # the key names only (and no torch import)
+    bad = [
+        k
+        for k in infos
+        if not k.endswith(
+            (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+        )
+    ]
     if bad:
         out.append(f"{len(bad)} tensor(s) vLLM calls 'unsupported LoRA weight', e.g. {bad[0]}")
     tm = cfg.get("target_modules")
@@ -741,19 +728,18 @@ def _profile_warnings(ad: Adapter) -> list[str]:
 def _normalise(ad: Adapter, pad_to: int | None) -> Adapter:
     """The servable form: scales folded into B so that one ``lora_alpha`` = r holds for every
     module without ``alpha_pattern`` or rsLoRA (``s_m = α/r_m``), optional zero-padding of ranks."""
-    import torch
-
     ranks = [lr.rank for lr in ad.modules.values()]
     r = pad_to or max(set(ranks), key=lambda x: (ranks.count(x), x))
     alpha = float(r)
     mods = {}
     for m, lr in ad.modules.items():
-        a, b = torch.as_tensor(lr.A).float(), torch.as_tensor(lr.B).float()
+        a, b = np.asarray(lr.A, np.float32), np.asarray(lr.B, np.float32)
         if pad_to is not None and lr.rank < pad_to:
-            a = torch.cat([a, a.new_zeros(pad_to - lr.rank, a.shape[1])])
-            b = torch.cat([b, b.new_zeros(b.shape[0], pad_to - lr.rank)], dim=1)
+            a = _pad_rows(a, pad_to)
+            b = np.ascontiguousarray(_pad_rows(b.T, pad_to).T)
         s_new = alpha / a.shape[0]
-        mods[m] = LowRank(A=a.contiguous(), B=(b * (lr.scale / s_new)).contiguous(), scale=s_new)
+        b = b * np.float32(lr.scale / s_new)
+        mods[m] = LowRank(A=np.ascontiguousarray(a), B=np.ascontiguousarray(b), scale=s_new)
     cfg = {
         k: ad.config[k]
         for k in ("task_type", "base_model_name_or_path", "revision")
@@ -764,12 +750,10 @@ def _normalise(ad: Adapter, pad_to: int | None) -> Adapter:
 
 def _kasa_tail_task(base: Checkpoint, ranks: dict[str, int], name: str) -> TensorResult:
     """The r smallest singular components of one original weight, as ``−U S Vh`` factors."""
-    import torch
-
     from ops.linalg import svd
 
     m = module_of(name)
-    w = base.get(name).to(torch.float64).numpy()
+    w = load(base, name, precision="float64")
     u, s, vh = svd(w)
     r, k = ranks[name], min(w.shape)
     tail = LowRank(
@@ -814,8 +798,6 @@ def convert(
         SurgeryError: DoRA adapters, residual inits without ``init``, mismatched init adapters,
             ``modules_to_save`` tensors (all listed).
     """
-    import torch
-
     opts = RunOptions.of(options)
     ad = Adapter.load(adapter)
     problems: list[str] = []
@@ -888,14 +870,9 @@ def convert(
         mods = {}
         for m, lr in plain.modules.items():
             y = init_plain.modules[m]
-            a = torch.cat([torch.as_tensor(lr.A).float(), torch.as_tensor(y.A).float()])
-            b = torch.cat(
-                [
-                    torch.as_tensor(lr.B).float(),
-                    -torch.as_tensor(y.B).float() * (y.scale / lr.scale),
-                ],
-                dim=1,
-            )
+            a = np.concatenate([np.asarray(lr.A, np.float32), np.asarray(y.A, np.float32)])
+            yb = np.asarray(y.B, np.float32) * np.float32(-(y.scale / lr.scale))
+            b = np.concatenate([np.asarray(lr.B, np.float32), yb], axis=1)
             mods[m] = LowRank(A=a, B=b, scale=lr.scale)
         plain = Adapter(
             modules=mods, config=plain.config, embeddings=plain.embeddings, bias=plain.bias
@@ -942,15 +919,14 @@ def _finish_convert(
     folder: Path,
     manifest: Manifest,
 ) -> None:
-    import torch
-
     if tails:  # KaSA with --base: append the (negated) tail at the adapter's scale
         tails = {back[k]: v for k, v in tails.items()}
         mods = {}
         for m, lr in plain.modules.items():
             t = tails[m]
-            a = torch.cat([torch.as_tensor(lr.A).float(), torch.as_tensor(t.A)])
-            b = torch.cat([torch.as_tensor(lr.B).float(), torch.as_tensor(t.B) / lr.scale], dim=1)
+            a = np.concatenate([np.asarray(lr.A, np.float32), np.asarray(t.A, np.float32)])
+            tb = np.asarray(t.B, np.float32) / np.float32(lr.scale)
+            b = np.concatenate([np.asarray(lr.B, np.float32), tb], axis=1)
             mods[m] = LowRank(A=a, B=b, scale=lr.scale)
         plain = Adapter(
             modules=mods, config=plain.config, embeddings=plain.embeddings, bias=plain.bias
@@ -1021,7 +997,7 @@ def _stack(ads: Sequence[Adapter], m: str) -> np.ndarray:
     out = np.zeros((len(ads), *shape), np.float32)
     for i, a in enumerate(ads):
         if m in a.modules:
-            out[i] = a.delta(m).numpy()
+            out[i] = a.delta_array(m)
     return out
 
 

@@ -339,7 +339,8 @@ def test_writer_takes_numpy_and_bf16_bits(tmp_path):
 
 
 def test_numpy_verbs_never_import_torch(tmp_path):
-    """extract, PiSSA/KaSA/CorDA (--stats), merges and probe edits run on numpy: no torch import."""
+    """extract, PiSSA/KaSA/CorDA (--stats), merges, probe edits and the adapter verbs (apply, port,
+    convert) run on numpy: no torch import."""
     base = demo.tiny_llama(tmp_path / "b", dtype="bfloat16")
     tuned = demo.tiny_llama(tmp_path / "t", dtype="bfloat16", seed=1)
     probe = tmp_path / "probe.safetensors"
@@ -372,6 +373,9 @@ def test_numpy_verbs_never_import_torch(tmp_path):
         ],
         ["merge", t, "--base", b, "--method", "ties", "-o", str(tmp_path / "m")],
         ["edit", b, "-m", "probe", "--probe", str(probe), "-o", str(tmp_path / "x")],
+        ["apply", b, str(tmp_path / "e"), "-o", str(tmp_path / "a")],
+        ["port", str(tmp_path / "e"), "--to", t, "--from", b, "-o", str(tmp_path / "po")],
+        ["convert", str(tmp_path / "k" / "adapter"), "--base", b, "-o", str(tmp_path / "cv")],
     ]
     code = textwrap.dedent(f"""
         import sys

@@ -84,7 +84,8 @@ def test_apply_equals_peft_and_float64(tmp_path, bases, rslora):
     assert_model_equals(out, peft_merged(bases["old"], a), names, atol=2e-6)
     base, got = Checkpoint.open(bases["old"]), Checkpoint.open(out)
     for m, x in ad.modules.items():  # float64 reference W + s·B A
-        ref = base.get(f"{m}.weight").double() + x.scale * x.B.double() @ x.A.double()
+        b, a = torch.as_tensor(x.B).double(), torch.as_tensor(x.A).double()
+        ref = base.get(f"{m}.weight").double() + x.scale * b @ a
         assert torch.allclose(got.get(f"{m}.weight").double(), ref, atol=2e-6, rtol=0)
     for n in base.names():  # everything else byte for byte
         if n not in names:
