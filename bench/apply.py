@@ -69,7 +69,9 @@ try:
 except SystemExit as e:
     if e.code:
         raise
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]  # own peak, not the
+print(int(hwm[0].split()[1]) * 1024 if hwm else  # parent's (ru_maxrss inherits it)
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 PEFT = r"""
@@ -113,8 +115,7 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)  # bench/decompose.py's pair, built once
     base, tuned = a.work / "base", a.work / "tuned"
     if not (tuned / "model.safetensors").is_file():
-        # In a subprocess: this parent must stay small, as Linux carries a parent's peak RSS
-        # into a child's ru_maxrss across fork + exec (importing torch here read as +110 MiB).
+        # In a subprocess: the pair's build imports torch, which this parent need not hold.
         code = (f"import argparse, sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
                 f"import decompose; decompose.build_pair(__import__('pathlib').Path("
                 f"{str(a.work)!r}), argparse.Namespace(**{vars(shape)!r}))")  # fmt: skip

@@ -1,8 +1,8 @@
 """Benchmark: ``surgery calibrate`` vs PEFT's ``preprocess_corda`` on the same model and samples.
 
 One run measures, for each tool, calibration throughput (samples/s, tokens/s), peak RSS (each tool
-runs in its own subprocess, so ``ru_maxrss`` is its own), and the error of the resulting CorDA
-split (IPM and KPM) against a float64 reference:
+runs in its own subprocess; ``VmHWM`` is its own address space's peak), and the error of the
+resulting CorDA split (IPM and KPM) against a float64 reference:
 
 * reference: activations captured at batch size 1 from the fp32 model, the official covariance
   convention (per-sample ``X / |signed max|``, ``Σ XᵀX / n``) summed in float64, then CorDA per
@@ -21,20 +21,21 @@ Errors are relative Frobenius norms ``‖X − X_ref‖ / ‖W‖`` of ``W_res``
 modules.
 
 Measured 2026-11-23 on the 2-core dev box (15.8M-parameter fp32 Llama, 64 samples of 128-256
-tokens, rank 16, 2 torch threads), after q/k/v and gate/up began sharing one covariance:
+tokens, rank 16, 2 torch threads), after q/k/v and gate/up began sharing one covariance; two runs
+(throughput varies with the box's load, the errors do not):
 
-====================================  =========  ========  =========================================
-tool                                  samples/s  peak RSS  error vs float64 (W_res, s·BA)
-====================================  =========  ========  =========================================
-PEFT preprocess_corda, IPM, batch 1     6.58      695 MiB  6.9e-5, 6.9e-5
-PEFT preprocess_corda, KPM, batch 1     5.69      679 MiB  7.6e-5, 7.6e-5
-surgery, batch 1                        9.46      563 MiB  IPM 4.8e-6, 4.8e-6; KPM 1.4e-6, 1.4e-6
-surgery, batch 8                       15.08      597 MiB  IPM 4.9e-6, 4.9e-6; KPM 8.9e-7, 8.9e-7
-====================================  =========  ========  =========================================
+====================================  ==========  =======  =========================================
+tool                                  samples/s   peak RSS error vs float64 (W_res, s·BA)
+====================================  ==========  =======  =========================================
+PEFT preprocess_corda, IPM, batch 1   5.61-6.58   679-695  6.9e-5, 6.9e-5
+PEFT preprocess_corda, KPM, batch 1   5.51-5.69   679-691  7.6e-5, 7.6e-5
+surgery, batch 1                      8.32-9.46   563-577  IPM 4.8e-6, 4.8e-6; KPM 1.4e-6, 1.4e-6
+surgery, batch 8                      11.8-15.1       597  IPM 4.9e-6, 4.9e-6; KPM 8.9e-7, 8.9e-7
+====================================  ==========  =======  =========================================
 
-surgery: 1.4-2.3× PEFT's throughput at 0.81-0.86× its peak RSS (before the sharing: 643 MiB at
-batch 1), 14-85× more accurate. The randomized-IPM variant (``niter=-1``) is 1.6e-1 off (W·C's
-flat top spectrum): hence the exact default.
+(peak RSS in MiB.) surgery: 1.4-2.3× PEFT's throughput at 0.81-0.88× its peak RSS (643 MiB at
+batch 1 before the sharing), 14-85× more accurate. The randomized-IPM variant (``niter=-1``) is
+1.6e-1 off (W·C's flat top spectrum): hence the exact default.
 
 Needs ``pip install attrs`` (PEFT's corda.py imports it). Usage::
 
@@ -62,7 +63,16 @@ LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's own peak RSS (MiB): ``VmHWM`` of its address space.
+
+    Not ``ru_maxrss``: Linux carries the parent's peak into a child's across fork + exec, and the
+    parent here holds torch and the model (measured: a trivial child of a 500 MB parent reads 527).
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 def load_samples(jsonl: Path) -> list[list[int]]:
