@@ -124,10 +124,26 @@ def gpu_available() -> bool:
     """True when cupy imports and sees at least one CUDA device. Never raises."""
     try:
         import cupy
-
-        return int(cupy.cuda.runtime.getDeviceCount()) > 0
     except Exception:  # noqa: BLE001 - any failure means "no usable GPU"
         return False
+    return _device_usable(cupy)
+
+
+# id(cupy module) → (the module, whether a device answered): asked once per module object (the
+# module is kept so that its id cannot be reused by another).
+_USABLE: dict[int, tuple[ModuleType, bool]] = {}
+
+
+def _device_usable(cupy: ModuleType) -> bool:
+    """Whether this cupy sees a CUDA device (False without a driver; never raises)."""
+    hit = _USABLE.get(id(cupy))
+    if hit is None or hit[0] is not cupy:
+        try:
+            ok = int(cupy.cuda.runtime.getDeviceCount()) > 0
+        except Exception:  # noqa: BLE001 - no driver, wrong driver, no device: no GPU
+            ok = False
+        hit = _USABLE[id(cupy)] = (cupy, ok)
+    return hit[1]
 
 
 def select_device(device: str = "auto") -> str:
@@ -234,7 +250,9 @@ def release_memory(pinned: bool = False) -> None:
     the download buffers, and ``cudaHostAlloc`` per tensor would cost as much as pinning saves.
     """
     cupy = sys.modules.get("cupy")
-    if cupy is not None:
+    # cupy imported (by --device auto's probe) on a machine without a usable driver: its pools
+    # would raise on first use, and there is nothing to free.
+    if cupy is not None and _device_usable(cupy):
         cupy.get_default_memory_pool().free_all_blocks()
         if pinned:
             cupy.get_default_pinned_memory_pool().free_all_blocks()

@@ -8,7 +8,9 @@ bit for bit. With a GPU (``@pytest.mark.gpu``): every registered method on cupy 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1021,3 +1023,142 @@ def test_simulated_device_load_streams_file_bytes(tmp_path, fake_cupy):
                 got = load(g, n, "gpu")
                 assert got.shape == g.shape(n), n
                 assert np.array_equal(got.get(), load(g, n, "cpu")), n
+
+
+# Raw (indexed) arrays with 2 dimensions, and the parameters each kernel gets as scalars: what the
+# callers in ops/cuda.py pass (CuPy types a kernel's code by its call-time arguments).
+_RAW_2D = {"surgery_gta": {"d", "keep"}, "surgery_pcb_balance": {"t"}, "surgery_pcb_merge": {"t"}}
+_SCALARS = {
+    "surgery_gta": {"k", "has_keep", "consensus", "normalize", "tdiv", "lam", "scale_out"},
+    "surgery_pcb_balance": {"k", "m"},
+    "surgery_pcb_merge": {"k"},
+    "surgery_bf16_f32": set(), "surgery_f32_bf16": set(), "surgery_f32_f16": set(),
+    "surgery_l1": set(), "surgery_l1_kept": set(),
+}  # fmt: skip
+
+
+def _recorded_kernels(monkeypatch) -> list[tuple[str, tuple, dict]]:
+    """Every CUDA kernel ops/cuda.py defines: its factories run against a recording ``cp()``."""
+    import types
+
+    recorded = []
+
+    def rec(kind):
+        return lambda *a, **kw: recorded.append((kind, a, kw))
+
+    ns = types.SimpleNamespace(ElementwiseKernel=rec("elementwise"), ReductionKernel=rec("reduce"))
+    factories = [f for n, f in vars(cuda).items() if "kernel" in n and hasattr(f, "cache_clear")]
+    monkeypatch.setattr(cuda, "cp", lambda: ns)
+    for f in factories:
+        f.cache_clear()
+        f()
+        f.cache_clear()  # never keep the recorder's None as the real kernel
+    return recorded
+
+
+def _kernel_source(kind: str, a: tuple, kw: dict, t: str) -> tuple[str, str]:
+    """CuPy's own generated CUDA source of one recorded kernel with ``T = t`` (no device needed)."""
+    import cupy
+    import cupy._core._kernel as K
+    import cupy._core._reduction as R
+    import cupy._core.core as core
+
+    def arg(p, name):
+        dt = np.dtype(t) if p.dtype is None else np.dtype(p.dtype)
+        if p.name in _SCALARS[name] and not p.raw:
+            return K._ArgInfo(3, type(dt.type(0)), dt, 0, True, True)  # ARG_KIND_SCALAR
+        nd = 2 if p.name in _RAW_2D.get(name, ()) else (1 if p.raw or p.is_const else 1)
+        return K._ArgInfo(1, cupy.ndarray, dt, nd, True, True)  # ARG_KIND_NDARRAY
+
+    def indexer(nd):
+        return K._ArgInfo(2, cupy._core._carray.Indexer, None, nd, True, True)
+
+    types_ = K._TypeMap((("T", np.dtype(t)),))
+    if kind == "elementwise":
+        in_s, out_s, op, name = a[:4]
+        ins, outs = K._get_param_info(in_s, True), K._get_param_info(out_s, False)
+        params = ins + outs + (K.ParameterInfo("CIndexer _ind", False),)
+        args = tuple(arg(p, name) for p in ins + outs) + (indexer(1),)
+        code = K._get_elementwise_kernel_code(args, types_, params, op, name,
+                                              kw.get("preamble", ""))  # fmt: skip
+    else:
+        in_s, out_s, map_e, red_e, post_e, ident, name = a[:7]
+        ins, outs = K._get_param_info(in_s, True), K._get_param_info(out_s, False)
+        params = ins + outs + (K.ParameterInfo("CIndexer _in_ind", False),
+                               K.ParameterInfo("CIndexer _out_ind", False),
+                               K.ParameterInfo("int32 _block_stride", False))  # fmt: skip
+        args = (*(arg(p, name) for p in ins), K._ArgInfo(1, cupy.ndarray, np.dtype("float64"), 0,
+                True, True), indexer(1), indexer(0),
+                K._ArgInfo(3, int, np.dtype("int32"), 0, True, True))  # fmt: skip
+        # CuPy types the reduction's index counter as IndexT (int32 for 32-bit indexable input).
+        types_ = K._TypeMap((("T", np.dtype(t)), ("IndexT", np.dtype("int32"))))
+        red = (name, 512, kw.get("reduce_type", "double"), ident, map_e, red_e, post_e)
+        code = R._ReductionKernel_get_cached_function_code(
+            len(ins), len(outs), params, args, types_, *red, kw.get("preamble", ""), ()
+        )
+    head = "".join(f"#include <{h}>\n" for h in core._cupy_header_list)
+    return name, head + code
+
+
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None or importlib.util.find_spec("cupy") is None,
+    reason="needs nvcc and cupy (their code generation; no device)",
+)
+def test_every_cuda_kernel_compiles(tmp_path, monkeypatch):
+    """Each kernel, as CuPy generates it for float32 and float64, compiles for sm_80 and sm_90.
+
+    No GPU needed: catches CUDA syntax/type errors in ops/cuda.py where no device is lent.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cupy._core.core as core
+
+    recorded = _recorded_kernels(monkeypatch)
+    names = {(a[3] if k == "elementwise" else a[6]) for k, a, _ in recorded}
+    assert names == set(_SCALARS), f"update _SCALARS/_RAW_2D for {names ^ set(_SCALARS)}"
+    jobs = []
+    for kind, a, kw in recorded:
+        for t in ("float32", "float64"):
+            name, src = _kernel_source(kind, a, kw, t)
+            path = tmp_path / f"{name}_{t}.cu"
+            path.write_text(src)
+            for arch in ("sm_80", "sm_90"):
+                jobs.append((path, arch))
+
+    def build(job):
+        path, arch = job
+        inc = f"-I{core._get_header_dir_path()}"
+        out = str(path.with_suffix(f".{arch}.o"))
+        r = subprocess.run(["nvcc", f"-arch={arch}", "-std=c++17", inc, "-c", str(path), "-o", out],
+                           capture_output=True, text=True)  # fmt: skip
+        return path.name, arch, r.returncode, r.stderr
+
+    with ThreadPoolExecutor(4) as pool:
+        failed = [(n, arch, err[-1500:]) for n, arch, rc, err in pool.map(build, jobs) if rc]
+    assert not failed, failed
+
+
+def test_cupy_without_a_driver_runs_on_the_cpu(tmp_path, fake_cupy, monkeypatch):
+    """cupy installed but no usable driver: ``--device auto`` runs on the CPU and never touches
+    cupy's memory pools (which raise there); ``--device gpu`` is one clear error."""
+
+    def no_driver():
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+    class Pool:
+        def free_all_blocks(self):
+            raise RuntimeError("cudaErrorInsufficientDriver (a pool touched without a device)")
+
+    monkeypatch.setattr(fake_cupy._extra["cuda"], "runtime",
+                        __import__("types").SimpleNamespace(getDeviceCount=no_driver))  # fmt: skip
+    monkeypatch.setitem(fake_cupy._extra, "get_default_memory_pool", Pool)
+    monkeypatch.setitem(fake_cupy._extra, "get_default_pinned_memory_pool", Pool)
+    base = demo.tiny_llama(tmp_path / "base", layers=1, hidden=32, inter=64, vocab=48)
+    ft = demo.finetune(base, tmp_path / "ft", seed=1)
+    args = ["merge", str(ft), "--base", str(base), "-m", "ties", "-q"]
+    r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "auto")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "auto" / "surgery.json").read_text())["device"] == "cpu"
+    r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "gpu"), "--device", "gpu"])
+    assert r.exit_code == 1 and "no usable CUDA device" in r.output
+    assert not (tmp_path / "gpu").exists()
