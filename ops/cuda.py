@@ -103,23 +103,6 @@ def _staging() -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def _host_reader(host: np.ndarray) -> tuple[Callable[[int, np.ndarray], None], np.ndarray]:
-    """A :func:`upload_from` byte source over a host array (and the contiguous array read)."""
-    host = np.ascontiguousarray(host)
-    raw = host.reshape(-1).view(np.uint8)
-
-    def read(offset: int, buf: np.ndarray) -> None:
-        buf[...] = raw[offset : offset + buf.size]
-
-    return read, host
-
-
-def _upload(host: np.ndarray) -> Array:
-    """Copy a host array to the device in its own dtype (through the pinned staging buffers)."""
-    read, host = _host_reader(host)
-    return upload_from(read, host.shape, host.dtype)
-
-
 def upload_from(
     read: Callable[[int, np.ndarray], None],
     shape: tuple[int, ...],
@@ -233,7 +216,12 @@ def upload(host: np.ndarray, dtype: str = "float32", bf16: bool = False) -> Arra
     (numpy has no bfloat16; :meth:`surgery.checkpoint.Checkpoint.array` returns them so). Widening
     is exact, so the values equal the host path's ``ops.backend.bf16_to_f32`` / ``astype``.
     """
-    read, host = _host_reader(host)
+    host = np.ascontiguousarray(host)
+    raw = host.reshape(-1).view(np.uint8)
+
+    def read(offset: int, buf: np.ndarray) -> None:
+        buf[...] = raw[offset : offset + buf.size]
+
     return upload_from(read, host.shape, host.dtype, dtype, bf16)
 
 
@@ -271,7 +259,7 @@ def torch_to_device(t: torch.Tensor, dtype: str = "float32") -> Array:
         return upload(t.view(torch.int16).numpy().view(np.uint16), dtype, bf16=True)
     if t.dtype in (torch.float16, torch.float32, torch.float64):
         return upload(t.numpy(), dtype)
-    return _upload(t.to(tdt).numpy())
+    return upload(t.to(tdt).numpy(), dtype)
 
 
 def to_host(x: Array) -> np.ndarray:

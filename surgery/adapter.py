@@ -309,16 +309,6 @@ def _num(x: float) -> int | float:
     return float(x)
 
 
-def _np32(x: Any) -> np.ndarray:
-    """A float32 numpy copy of a numpy, cupy or torch array (what adapter files store)."""
-    kind = type(x).__module__.split(".")[0]
-    if kind == "torch":
-        x = x.detach().cpu().float().numpy()
-    elif kind == "cupy":
-        x = x.get()
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
 def _np(x: Any, dtype: Any = np.float32) -> np.ndarray:
     """A numpy array of ``dtype`` from a numpy, cupy or torch array (no copy when it already is)."""
     kind = type(x).__module__.split(".")[0]
@@ -329,6 +319,11 @@ def _np(x: Any, dtype: Any = np.float32) -> np.ndarray:
     elif kind == "cupy":
         x = x.get()
     return np.asarray(x, dtype=dtype)
+
+
+def _np32(x: Any) -> np.ndarray:
+    """A contiguous float32 numpy array of ``x`` (what adapter files store)."""
+    return np.ascontiguousarray(_np(x, np.float32))
 
 
 _NP_FLOATS = {"torch.float32": np.float32, "torch.float64": np.float64}
@@ -343,17 +338,6 @@ def _np_dtype(dtype: Any) -> Any:
     if str(dtype).startswith("torch."):
         raise SurgeryError(f"adapter updates are computed in float32 or float64, not {dtype}")
     return np.dtype(dtype).type
-
-
-def _torch(x: Any) -> torch.Tensor:
-    import numpy as np
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu()
-    if type(x).__module__.split(".")[0] == "cupy":
-        x = x.get()
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
 
 
 @dataclass

@@ -864,6 +864,13 @@ def _group_modules(
     return groups, too_big
 
 
+def _input_of(args: tuple, kwargs: dict) -> Any:
+    """A hooked Linear/Conv1D call's input tensor (positional, or the first tensor keyword)."""
+    import torch
+
+    return args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+
+
 def _shared_inputs(plan: CalibPlan, model: nn.Module) -> dict[str, str]:
     """``module → root`` for target modules whose input *is* the previous hooked module's input.
 
@@ -881,7 +888,7 @@ def _shared_inputs(plan: CalibPlan, model: nn.Module) -> dict[str, str]:
 
     def make(m: str):
         def hook(mod, args, kwargs, output):
-            x = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+            x = _input_of(args, kwargs)
             calls[m] = calls.get(m, 0) + 1
             order.append((m, x))
 
@@ -996,10 +1003,9 @@ class _Collector:
         )
 
     def _make_hook(self, module: str):
-        import torch
 
         def hook(mod, args, kwargs, output):
-            x = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+            x = _input_of(args, kwargs)
             if self.step == 0:
                 self.order.append(module)
             last = self._last
