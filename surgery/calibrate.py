@@ -1015,8 +1015,8 @@ class _Collector:
                     raise SurgeryError(
                         f"{module}: shares {self.alias[module]}'s input in the first forward "
                         "but not on the batch starting at line "
-                        f"{self.lines[0] if self.lines else '?'}; the model's forward is data "
-                        "dependent: calibrate with --batch-size 1, or report it"
+                        f"{self.lines[0] if self.lines else '?'}; the model's forward depends on "
+                        "the data, which the shared covariances cannot follow: please report it"
                     )
                 # One accumulator for the set: the root already added this XᵀX.
                 n_s, n_t = last[3], last[4]

@@ -39,6 +39,7 @@ from .adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     Adapter,
+    _np32,
     find_adapter_dir,
     is_hub_id,
     resolve_weight,
@@ -180,6 +181,13 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     if rows <= x.shape[0]:
         return x
     return np.concatenate([x, np.zeros((rows - x.shape[0], x.shape[1]), x.dtype)])
+
+
+def _append_rank(lr: LowRank, a2: Any, b2: Any) -> LowRank:
+    """``lr`` with more components at its scale: ``A' = [A; a2]``, ``B' = [B, b2]`` (float32)."""
+    a = np.concatenate([_np32(lr.A), _np32(a2)])
+    b = np.concatenate([_np32(lr.B), _np32(b2)], axis=1)
+    return LowRank(A=a, B=b, scale=lr.scale)
 
 
 def _tensor_of(ad: Adapter, module: str, rows: int | None = None) -> np.ndarray:
@@ -733,7 +741,7 @@ def _normalise(ad: Adapter, pad_to: int | None) -> Adapter:
     alpha = float(r)
     mods = {}
     for m, lr in ad.modules.items():
-        a, b = np.asarray(lr.A, np.float32), np.asarray(lr.B, np.float32)
+        a, b = _np32(lr.A), _np32(lr.B)
         if pad_to is not None and lr.rank < pad_to:
             a = _pad_rows(a, pad_to)
             b = np.ascontiguousarray(_pad_rows(b.T, pad_to).T)
@@ -870,10 +878,7 @@ def convert(
         mods = {}
         for m, lr in plain.modules.items():
             y = init_plain.modules[m]
-            a = np.concatenate([np.asarray(lr.A, np.float32), np.asarray(y.A, np.float32)])
-            yb = np.asarray(y.B, np.float32) * np.float32(-(y.scale / lr.scale))
-            b = np.concatenate([np.asarray(lr.B, np.float32), yb], axis=1)
-            mods[m] = LowRank(A=a, B=b, scale=lr.scale)
+            mods[m] = _append_rank(lr, y.A, _np32(y.B) * np.float32(-(y.scale / lr.scale)))
         plain = Adapter(
             modules=mods, config=plain.config, embeddings=plain.embeddings, bias=plain.bias
         )
@@ -924,10 +929,7 @@ def _finish_convert(
         mods = {}
         for m, lr in plain.modules.items():
             t = tails[m]
-            a = np.concatenate([np.asarray(lr.A, np.float32), np.asarray(t.A, np.float32)])
-            tb = np.asarray(t.B, np.float32) / np.float32(lr.scale)
-            b = np.concatenate([np.asarray(lr.B, np.float32), tb], axis=1)
-            mods[m] = LowRank(A=a, B=b, scale=lr.scale)
+            mods[m] = _append_rank(lr, t.A, _np32(t.B) / np.float32(lr.scale))
         plain = Adapter(
             modules=mods, config=plain.config, embeddings=plain.embeddings, bias=plain.bias
         )
